@@ -18,8 +18,16 @@ _LAZY = {
     "make_nuclei": ("napari_unet.data", "make_nuclei"),
 }
 _SUBMODULES = {
-    "model", "tiling", "postprocess", "targets", "training", "segmenter",
-    "store", "metrics", "data", "cli",
+    "model",
+    "tiling",
+    "postprocess",
+    "targets",
+    "training",
+    "segmenter",
+    "store",
+    "metrics",
+    "data",
+    "cli",
 }
 
 __all__ = ["UNet", "Segmenter", "Prediction", "make_nuclei", "metrics", "__version__"]

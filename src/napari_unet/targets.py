@@ -45,14 +45,19 @@ def check_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
     return labels
 
 
-def _boundaries(labels: np.ndarray) -> np.ndarray:
-    """Object pixels with a face-neighbour of another value (background or another object)."""
+def _boundaries(labels: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Object pixels with a face-neighbour of another value (background or another object).
+
+    With a ``mask``, only neighbours inside the mask count: labels outside are not trusted.
+    """
     edge = np.zeros(labels.shape, dtype=bool)
     for ax in range(labels.ndim):
         a = [slice(None)] * labels.ndim
         b = [slice(None)] * labels.ndim
         a[ax], b[ax] = slice(1, None), slice(None, -1)
         diff = labels[tuple(a)] != labels[tuple(b)]
+        if mask is not None:
+            diff &= mask[tuple(a)] & mask[tuple(b)]
         edge[tuple(a)] |= diff
         edge[tuple(b)] |= diff
     return edge & (labels > 0)
@@ -79,15 +84,16 @@ def instance_targets(
         int64 ``(*S)`` with values in {IGNORE, BACKGROUND, INTERIOR, BOUNDARY}.
     """
     labels = check_labels(labels)
-    target = np.where(labels > 0, INTERIOR, BACKGROUND).astype(np.int64)
-    edge = _boundaries(labels)
-    if thick:
-        edge |= ndimage.binary_dilation(edge) & (labels == 0)
-    target[edge] = BOUNDARY
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != labels.shape:
             raise ValueError(f"mask shape {mask.shape} does not match labels shape {labels.shape}")
+    target = np.where(labels > 0, INTERIOR, BACKGROUND).astype(np.int64)
+    edge = _boundaries(labels, mask)
+    if thick:
+        edge |= ndimage.binary_dilation(edge) & (labels == 0)
+    target[edge] = BOUNDARY
+    if mask is not None:
         target[~mask] = IGNORE
     return target
 
