@@ -92,15 +92,15 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "nan" if math.isnan(v) else f"{v:.{digits}f}"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
-    """Plain-text table: the first ``left`` columns left-aligned, the rest right-aligned."""
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str = "l") -> str:
+    """Plain-text table; ``align`` has one letter per column (``l``/``r``), missing = ``r``."""
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
         out = [
-            c.ljust(w) if i < left else c.rjust(w)
+            c.ljust(w) if align[i : i + 1] == "l" else c.rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ]
         return "  ".join(out).rstrip()
@@ -232,6 +232,7 @@ def write_tiff(path: Path, array: np.ndarray, axes: str, compress: bool = True) 
         path,
         array,
         metadata={"axes": axes},
+        photometric="minisblack",
         compression="zlib" if compress else None,
     )
 
@@ -273,11 +274,16 @@ def load_segmenter(spec: str) -> Segmenter:
 
 
 def _save_segmenter(seg: Segmenter, target: str) -> str:
-    """Save to a path or to ``registry:NAME``; returns a description of where it went."""
+    """Save to a path or to ``registry:NAME``; returns a description of where it went.
+
+    The model's config ``name`` becomes the registry name or the file/folder name.
+    """
     if target.startswith(_REGISTRY):
         name = target[len(_REGISTRY) :]
+        seg.config["name"] = name
         info = ModelRegistry().save(name, seg.net.state_dict(), seg.config)
         return f"registry:{info.name} (version {info.version}, {info.path})"
+    seg.config["name"] = _stem(Path(target)) or "untitled"
     return str(seg.save(target))
 
 
@@ -737,11 +743,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         else f"\nfiles in {out}: the images only (interrupted before the first round)"
     )
     if rows:
-        print(
-            f"next: napari-unet predict {out / 'model'} YOUR_IMAGE.tif -o results/  "
-            f"or  napari-unet evaluate {out / f'prediction_round{len(rows)}.tif'} "
-            f"--truth {out / 'test_labels.tif'}"
-        )
+        last_pred = out / f"prediction_round{len(rows)}.tif"
+        print("next:")
+        print(f"  napari-unet predict {out / 'model'} YOUR_IMAGE.tif -o results/")
+        print(f"  napari-unet evaluate {last_pred} --truth {out / 'test_labels.tif'}")
     if interrupted:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -780,7 +785,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             for i in infos
         ]
         print(f"models in {reg.root}:")
-        print(_table(["name", "version", "task", "trained_on", "val_score"], rows, left=1))
+        print(_table(["name", "version", "task", "trained_on", "val_score"], rows, align="lrll"))
         return 0
     if args.models_command == "rm":
         reg.delete(args.name, args.version)
@@ -1037,10 +1042,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    old_threads = None
     try:
         if args.threads:
             import torch
 
+            old_threads = torch.get_num_threads()
             torch.set_num_threads(args.threads)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -1058,6 +1065,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    finally:
+        if old_threads is not None:  # main() may run in-process (tests, notebooks): restore
+            import torch
+
+            torch.set_num_threads(old_threads)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,77 @@
+"""The model shared by the widgets of one viewer.
+
+Predict, Train and Models widgets docked in the same viewer work on the same ``Segmenter``:
+Train fine-tunes the model Predict uses, Models loads or saves it. The session is keyed by the
+viewer (weakly, so closing the viewer frees it); it is not a process-wide singleton.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+from psygnal import Signal
+
+from ..segmenter import Segmenter
+from ..store import ModelFileError, ModelRegistry
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["Session", "session_for"]
+
+
+class Session:
+    """Current model of a viewer plus the model registry on disk.
+
+    Signals
+    -------
+    model_changed(Segmenter)
+        Emitted when another model is loaded, created or fine-tuned.
+    """
+
+    model_changed = Signal(object)
+
+    def __init__(self, registry: ModelRegistry | None = None):
+        self.registry = registry if registry is not None else ModelRegistry()
+        self._segmenter: Segmenter | None = None
+        self.model_name: str = "nuclei"
+        # one training at a time per viewer; widgets acquire it without blocking
+        self.training_lock = threading.Lock()
+
+    @property
+    def segmenter(self) -> Segmenter:
+        """The current model: the starter model ``nuclei`` if shipped, else a new one."""
+        if self._segmenter is None:
+            try:
+                self._segmenter = Segmenter.pretrained("nuclei")
+                self.model_name = "nuclei"
+            except ModelFileError:
+                self._segmenter = Segmenter.new(name="untitled")
+                self.model_name = "untitled"
+        return self._segmenter
+
+    def set_segmenter(self, segmenter: Segmenter, name: str | None = None) -> None:
+        self._segmenter = segmenter
+        if name is not None:
+            self.model_name = name
+            segmenter.config["name"] = name
+        self.model_changed.emit(segmenter)
+
+    def notify_trained(self) -> None:
+        """Tell listeners that the current model's weights changed."""
+        if self._segmenter is not None:
+            self.model_changed.emit(self._segmenter)
+
+
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def session_for(viewer: napari.Viewer) -> Session:
+    """The session of ``viewer`` (created on first use)."""
+    try:
+        return _SESSIONS[viewer]
+    except KeyError:
+        s = _SESSIONS[viewer] = Session()
+        return s
