@@ -253,3 +253,17 @@ def test_finetune_3d_volume_with_2d_and_3d_nets():
         events = list(seg.finetune(vol, lab, axes="ZYX", steps=2, time_limit_s=None))
         assert events[-1].done
         assert seg.predict(vol, axes="ZYX").labels.shape == vol.shape
+
+
+def test_lazy_inputs_match_numpy(tiny, nuclei):
+    da = pytest.importorskip("dask.array")
+    zarr = pytest.importorskip("zarr")
+    img = nuclei[0]
+    ref = tiny.predict(img, tile_shape=(48, 48), overlap=16)
+    lazy = tiny.predict(da.from_array(img, chunks=(32, 32)), tile_shape=(48, 48), overlap=16)
+    z = zarr.create_array(store=zarr.storage.MemoryStore(), shape=img.shape, chunks=(32, 32), dtype=img.dtype)
+    z[:] = img
+    zpred = tiny.predict(z, tile_shape=(48, 48), overlap=16)
+    for other in (lazy, zpred):
+        np.testing.assert_allclose(other.probabilities, ref.probabilities, atol=1e-5)
+        assert np.array_equal(other.labels, ref.labels)

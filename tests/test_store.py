@@ -720,3 +720,16 @@ def test_missing_model_lookup(tmp_path):
         reg.load("x")
     with pytest.raises(ModelFileError):
         reg.versions("x")
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_model(tmp_path / "m", {"w": torch.zeros(2)}, {"task": "instance"})
+        save_model(tmp_path / "one.safetensors", {"w": torch.zeros(2)}, {"task": "instance"})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+    for f in ((tmp_path / "m").iterdir()):
+        assert f.stat().st_mode & 0o777 == 0o644, f
+    assert (tmp_path / "one.safetensors").stat().st_mode & 0o777 == 0o644

@@ -203,10 +203,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _mkstemp_path(folder: Path, prefix: str) -> Path:
-    """Create an empty temporary file in ``folder`` and return its path."""
+    """Create an empty temporary file in ``folder`` and return its path.
+
+    The file gets the ordinary permissions of a new file (0666 minus the umask), not
+    mkstemp's private 0600, so a saved model can be shared like any other file.
+    """
     fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
+    return Path(name)
+
+
+def _mkdtemp_path(folder: Path, prefix: str, suffix: str) -> Path:
+    """A temporary folder in ``folder`` with ordinary permissions (0777 minus the umask)."""
+    name = tempfile.mkdtemp(dir=folder, prefix=prefix, suffix=suffix)
+    os.chmod(name, 0o777 & ~_umask())
     return Path(name)
 
 
@@ -231,6 +249,7 @@ def _write_weights_durable(
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600; models are shareable files
     _fsync_path(path)
 
 
@@ -640,7 +659,7 @@ def _save_folder(target: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, 
     if not target.exists():
         # fresh target: build the whole folder privately, then rename it into place
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmpdir = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+        tmpdir = _mkdtemp_path(target.parent, f".{target.name}.", ".tmp")
         try:
             _write_folder_contents(tmpdir, tensors, cfg)
             os.rename(tmpdir, target)
@@ -922,7 +941,7 @@ class ModelRegistry:
         cfg = _prepare_config(config)
         cfg["created"] = _now_iso()
         model_dir.mkdir(parents=True, exist_ok=True)
-        tmpdir = Path(tempfile.mkdtemp(dir=model_dir, prefix=".tmp-", suffix=".partial"))
+        tmpdir = _mkdtemp_path(model_dir, ".tmp-", ".partial")
         try:
             _write_folder_contents(tmpdir, tensors, cfg)
             existing = self._version_dirs(model_dir)
