@@ -290,7 +290,7 @@ def _save_segmenter(seg: Segmenter, target: str) -> str:
 def _check_output_target(target: str) -> None:
     """Refuse an unusable ``-o`` before spending time on training."""
     if target.startswith(_REGISTRY):
-        store._validate_name(target[len(_REGISTRY) :])
+        store.validate_name(target[len(_REGISTRY) :])
         return
     p = Path(target).expanduser()
     if p.exists() and p.is_file() and p.suffix.lower() != ".safetensors":

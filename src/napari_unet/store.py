@@ -59,6 +59,7 @@ __all__ = [
     "load_model",
     "read_config",
     "save_model",
+    "validate_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -745,7 +746,7 @@ def default_root() -> Path:
     return data / "napari-unet" / "models"
 
 
-def _validate_name(name: Any) -> str:
+def validate_name(name: Any) -> str:
     """Return ``name`` if it is a usable model name, else raise ``ValueError``."""
     if not isinstance(name, str):
         raise ValueError(f"a model name must be text, not {type(name).__name__}")
@@ -878,7 +879,7 @@ class ModelRegistry:
     # ---------------------------------------------------------------- internals
 
     def _model_dir(self, name: str) -> Path:
-        return self.root / _validate_name(name)
+        return self.root / validate_name(name)
 
     @staticmethod
     def _version_dirs(model_dir: Path) -> list[tuple[int, Path]]:
@@ -983,7 +984,7 @@ class ModelRegistry:
         out = []
         for entry in entries:
             try:
-                name = _validate_name(entry.name)
+                name = validate_name(entry.name)
             except ValueError:
                 continue
             if not entry.is_dir():

@@ -36,7 +36,7 @@ class Session:
     def __init__(self, registry: ModelRegistry | None = None):
         self.registry = registry if registry is not None else ModelRegistry()
         self._segmenter: Segmenter | None = None
-        self.model_name: str = "nuclei"
+        self.model_name: str = "untitled"
         # one training at a time per viewer; widgets acquire it without blocking
         self.training_lock = threading.Lock()
 
