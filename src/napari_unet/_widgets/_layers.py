@@ -1,0 +1,593 @@
+"""Reading napari layers for the U-Net widgets, and writing results back as layers.
+
+Everything here is bookkeeping between napari and the core: which axes a layer has, which part of
+it to predict (whole layer, current slice, field of view), where the plugin's own output layers
+are, how Shapes become a bool mask. No model arithmetic happens here.
+
+Problems with the user's input raise :class:`LayerError` (a ``ValueError``) with a plain message;
+the widgets turn it into a napari notification.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtWidgets import QComboBox
+
+if TYPE_CHECKING:
+    import napari
+    from napari.layers import Image, Labels, Layer, Shapes
+
+    from ..segmenter import Prediction, Segmenter
+
+__all__ = [
+    "LayerError",
+    "LayerCombo",
+    "PLUGIN_KEY",
+    "PredictRequest",
+    "Region",
+    "unwrap_viewer",
+    "image_array",
+    "spatial_shape",
+    "image_axes",
+    "model_channel",
+    "plan_region",
+    "make_request",
+    "find_own_layer",
+    "write_prediction",
+    "write_preview",
+    "shapes_to_mask",
+    "visible_world_corners",
+    "adopt_layer",
+]
+
+PLUGIN_KEY = "napari_unet"
+PREVIEW_NAME = "unet preview"
+SCOPES = ("whole layer", "current slice", "current field of view")
+
+
+class LayerError(ValueError):
+    """A problem with the user's layers, explained in plain words."""
+
+
+def unwrap_viewer(viewer: Any) -> napari.Viewer:
+    """The real viewer behind napari's ``PublicOnlyProxy`` (given to plugin widgets).
+
+    The widgets keep their own references to layers and key the shared session by the viewer;
+    both need the real objects, not per-widget proxies.
+    """
+    return getattr(viewer, "__wrapped__", viewer)
+
+
+# ----------------------------------------------------------------------------- reading layers
+def image_array(layer: Layer) -> Any:
+    """The layer's full-resolution array (level 0 of a multiscale layer); not copied."""
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]
+    return data
+
+
+def spatial_shape(layer: Layer) -> tuple[int, ...]:
+    """Shape of the layer without the colour axis of an RGB(A) layer."""
+    shape = tuple(int(s) for s in np.shape(image_array(layer)))
+    if getattr(layer, "rgb", False):
+        shape = shape[:-1]
+    return shape
+
+
+def _first_axis_is_time(layer: Layer, viewer: napari.Viewer | None) -> bool:
+    labels: list[str] = []
+    own = getattr(layer, "axis_labels", None)
+    if own:
+        labels.append(str(own[0]))
+    if viewer is not None:
+        world = tuple(viewer.dims.axis_labels)
+        nd = len(spatial_shape(layer))
+        if len(world) >= nd:
+            labels.append(str(world[-nd]))
+    return any(lab.strip().lower().startswith("t") for lab in labels)
+
+
+def image_axes(layer: Image, viewer: napari.Viewer | None = None) -> str:
+    """Axes of an image layer for the core: YX, ZYX (or TYX), TZYX, with C for RGB."""
+    nd = len(spatial_shape(layer))
+    if nd == 2:
+        axes = "YX"
+    elif nd == 3:
+        axes = "TYX" if _first_axis_is_time(layer, viewer) else "ZYX"
+    elif nd == 4:
+        axes = "TZYX"
+    else:
+        raise LayerError(
+            f"layer {layer.name!r} has {nd} dimensions; napari-unet handles 2D (YX), 3D (ZYX or "
+            "TYX) and 4D (TZYX) images, plus RGB"
+        )
+    if getattr(layer, "rgb", False):
+        axes += "C"
+    return axes
+
+
+def model_channel(layer: Image, segmenter: Segmenter) -> tuple[int | None, str | None]:
+    """``channel`` argument for the core, and a message for the user when one is chosen.
+
+    An RGB layer given to a 1-channel model is segmented on its green channel.
+    """
+    if getattr(layer, "rgb", False) and segmenter.in_channels == 1:
+        return 1, (
+            f"{layer.name!r} is RGB and the model takes one channel: using the green channel. "
+            "Use a 3-channel model to segment on all colours."
+        )
+    return None, None
+
+
+# ----------------------------------------------------------------------------- regions
+@dataclass
+class Region:
+    """Part of a layer to predict.
+
+    ``index`` indexes the layer's spatial dimensions (ints drop a dimension, slices keep it);
+    ``axes`` are the axes of the cropped array (C included for RGB); ``full_shape`` is the
+    layer's spatial shape.
+    """
+
+    index: tuple
+    axes: str
+    full_shape: tuple[int, ...]
+
+    @property
+    def is_whole(self) -> bool:
+        return all(
+            isinstance(i, slice) and i.start in (None, 0) and i.stop in (None, n) and i.step is None
+            for i, n in zip(self.index, self.full_shape, strict=True)
+        )
+
+    def crop(self, array: Any, rgb: bool) -> Any:
+        key = self.index + ((slice(None),) if rgb else ())
+        return array[key]
+
+
+def current_data_index(layer: Layer, viewer: napari.Viewer) -> tuple[int, ...]:
+    """The viewer's current position as integer indices into the layer's dimensions."""
+    pos = np.asarray(layer.world_to_data(viewer.dims.point), dtype=float)
+    shape = spatial_shape(layer)
+    pos = pos[-len(shape) :]
+    return tuple(int(np.clip(np.round(p), 0, n - 1)) for p, n in zip(pos, shape, strict=True))
+
+
+def visible_world_corners(viewer: napari.Viewer) -> np.ndarray:
+    """Top-left and bottom-right corners of the canvas in world coordinates, ``(2, ndim)``.
+
+    Uses the Qt canvas (private napari API, checked for napari 0.5 - 0.9); raises
+    :class:`LayerError` when it cannot be read.
+    """
+    try:
+        canvas = viewer.window._qt_viewer.canvas
+        corners = np.asarray(canvas._viewbox_corners_in_world, dtype=float)
+    except Exception as e:  # noqa: BLE001 - any failure means "unknown"
+        raise LayerError(f"cannot read the field of view of this viewer ({e})") from None
+    if corners.shape != (2, viewer.dims.ndim) or not np.all(np.isfinite(corners)):
+        raise LayerError("cannot read the field of view of this viewer")
+    return corners
+
+
+def plan_region(
+    layer: Image,
+    viewer: napari.Viewer,
+    scope: str,
+    model_ndim: int = 2,
+    corners: np.ndarray | None = None,
+) -> Region:
+    """The part of ``layer`` to predict for ``scope`` (one of :data:`SCOPES`).
+
+    ``current slice`` fixes the non-YX axes (a 3D model keeps Z) at the viewer's position;
+    ``current field of view`` additionally crops Y and X to the visible canvas rectangle.
+    """
+    axes = image_axes(layer, viewer)
+    spatial_axes = axes.replace("C", "")
+    shape = spatial_shape(layer)
+    index: list[Any] = [slice(None)] * len(shape)
+    if scope == SCOPES[0]:
+        return Region(tuple(index), axes, shape)
+    if scope not in SCOPES:
+        raise LayerError(f"unknown scope {scope!r}")
+    keep = "ZYX" if model_ndim == 3 else "YX"
+    here = current_data_index(layer, viewer)
+    for d, a in enumerate(spatial_axes):
+        if a not in keep:
+            index[d] = here[d]
+    if scope == SCOPES[2]:
+        if viewer.dims.ndisplay != 2:
+            raise LayerError("switch the viewer to 2D to predict the field of view")
+        nw = viewer.dims.ndim
+        if sorted(viewer.dims.displayed) != [nw - 2, nw - 1]:
+            raise LayerError(
+                "the field of view can only be predicted when Y and X (the last two axes) are "
+                "displayed; use 'whole layer' or 'current slice'"
+            )
+        if corners is None:
+            corners = visible_world_corners(viewer)
+        data_corners = np.array([layer.world_to_data(c) for c in corners], dtype=float)
+        yx = data_corners[:, -2:]
+        lo = np.floor(yx.min(axis=0)).astype(int)
+        hi = np.ceil(yx.max(axis=0)).astype(int) + 1
+        for k, d in enumerate((len(shape) - 2, len(shape) - 1)):
+            a, b = int(np.clip(lo[k], 0, shape[d])), int(np.clip(hi[k], 0, shape[d]))
+            if b - a < 1:
+                raise LayerError(f"{layer.name!r} is not in the field of view")
+            index[d] = slice(a, b)
+    kept = "".join(a for d, a in enumerate(spatial_axes) if isinstance(index[d], slice))
+    if "C" in axes:
+        kept += "C"
+    return Region(tuple(index), kept, shape)
+
+
+# ----------------------------------------------------------------------------- requests
+@dataclass
+class PredictRequest:
+    """One prediction to run in a worker and write back as layers."""
+
+    source: str  # name of the image layer
+    data: Any  # the cropped image (a view or lazy array; not modified)
+    axes: str
+    channel: int | None
+    region: Region
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    notes: list[str] = field(default_factory=list)
+
+
+def make_request(
+    viewer: napari.Viewer,
+    layer: Image,
+    segmenter: Segmenter,
+    scope: str = SCOPES[0],
+    corners: np.ndarray | None = None,
+) -> PredictRequest:
+    """Read ``layer`` for a prediction of ``scope``; raises :class:`LayerError` on bad input."""
+    region = plan_region(layer, viewer, scope, segmenter.ndim, corners)
+    channel, note = model_channel(layer, segmenter)
+    data = region.crop(image_array(layer), getattr(layer, "rgb", False))
+    return PredictRequest(
+        source=layer.name,
+        data=data,
+        axes=region.axes,
+        channel=channel,
+        region=region,
+        scale=tuple(float(s) for s in layer.scale),
+        translate=tuple(float(t) for t in layer.translate),
+        notes=[note] if note else [],
+    )
+
+
+# ----------------------------------------------------------------------------- output layers
+def _is_own(layer: Layer, source: str, kind: str, klass: int | None = None) -> bool:
+    md = getattr(layer, "metadata", None) or {}
+    if md.get(PLUGIN_KEY) is not True or md.get("source") != source:
+        return False
+    if md.get("kind", "labels") != kind:
+        return False
+    return klass is None or md.get("class") == klass
+
+
+def find_own_layer(
+    viewer: napari.Viewer, source: str, kind: str = "labels", klass: int | None = None
+) -> Layer | None:
+    """The plugin's output layer for image ``source`` (never a layer the user made)."""
+    from napari.layers import Image, Labels
+
+    want = Labels if kind == "labels" else Image
+    for layer in viewer.layers:
+        if isinstance(layer, want) and _is_own(layer, source, kind, klass):
+            return layer
+    return None
+
+
+def _merge(
+    existing: np.ndarray | None,
+    new: np.ndarray,
+    region: Region,
+    dtype: Any,
+    relabel: bool,
+) -> np.ndarray:
+    """Full-size array with ``new`` written into ``region`` (the rest kept from ``existing``)."""
+    if region.is_whole:
+        return np.asarray(new, dtype=dtype)
+    if existing is not None and tuple(existing.shape) == tuple(region.full_shape):
+        full = np.array(existing, dtype=dtype)  # a copy: the layer changes only on assignment
+    else:
+        full = np.zeros(region.full_shape, dtype=dtype)
+    full[region.index] = 0
+    new = np.asarray(new, dtype=dtype)
+    if relabel:
+        # keep instance ids unique in the whole layer
+        offset = full.max(initial=0)
+        if offset:
+            new = np.where(new > 0, new + offset, 0).astype(dtype, copy=False)
+    full[region.index] = new
+    return full
+
+
+def _put_layer(
+    viewer: napari.Viewer,
+    kind: str,
+    data: np.ndarray,
+    name: str,
+    metadata: dict,
+    scale: tuple,
+    translate: tuple,
+    existing: Layer | None,
+    **kwargs: Any,
+) -> Layer:
+    if existing is not None:
+        if existing.ndim == data.ndim:
+            existing.data = data
+            existing.scale = scale
+            existing.translate = translate
+            return existing
+        viewer.layers.remove(existing)  # our own layer, of an older shape of the image
+    add = viewer.add_labels if kind == "labels" else viewer.add_image
+    return add(data, name=name, metadata=metadata, scale=scale, translate=translate, **kwargs)
+
+
+def write_prediction(
+    viewer: napari.Viewer,
+    request: PredictRequest,
+    prediction: Prediction,
+    segmenter_task: str = "instance",
+    classes: list[str] | None = None,
+    probabilities: bool = False,
+) -> Labels:
+    """Create or update the plugin's labels (and probability) layers for ``request``.
+
+    The labels layer is ``"<image> [unet]"``; only the plugin's own layer for that image is
+    ever replaced, and for a partial region only that region changes.
+    """
+    src = request.source
+    region = request.region
+    own = find_own_layer(viewer, src, "labels")
+    labels = _merge(
+        None if own is None else np.asarray(own.data),
+        prediction.labels,
+        region,
+        np.int32,
+        relabel=segmenter_task == "instance",
+    )
+    layer = _put_layer(
+        viewer,
+        "labels",
+        labels,
+        f"{src} [unet]",
+        {PLUGIN_KEY: True, "source": src, "kind": "labels"},
+        request.scale,
+        request.translate,
+        own,
+    )
+    if probabilities and prediction.probabilities is not None:
+        probs = prediction.probabilities
+        if segmenter_task == "instance":
+            channels = [(1, f"{src} [unet prob]")]
+        else:
+            names = classes or [f"class {k}" for k in range(probs.shape[0])]
+            channels = [(k, f"{src} [unet prob] {names[k]}") for k in range(probs.shape[0])]
+        for k, name in channels:
+            prev = find_own_layer(viewer, src, "probabilities", k)
+            data = _merge(
+                None if prev is None else np.asarray(prev.data),
+                probs[k],
+                region,
+                np.float32,
+                relabel=False,
+            )
+            _put_layer(
+                viewer,
+                "image",
+                data,
+                name,
+                {PLUGIN_KEY: True, "source": src, "kind": "probabilities", "class": k},
+                request.scale,
+                request.translate,
+                prev,
+                colormap="magma",
+                contrast_limits=(0.0, 1.0),
+                blending="additive",
+            )
+    return layer
+
+
+def write_preview(viewer: napari.Viewer, labels: np.ndarray, image: Image | None) -> Labels:
+    """Create or update the 2D ``"unet preview"`` labels layer (placed like the image's YX)."""
+    from napari.layers import Labels
+
+    scale = translate = None
+    if image is not None and image in viewer.layers:
+        scale = tuple(float(s) for s in image.scale[-2:])
+        translate = tuple(float(t) for t in image.translate[-2:])
+    for layer in viewer.layers:
+        md = layer.metadata or {}
+        if isinstance(layer, Labels) and md.get(PLUGIN_KEY) is True and md.get("kind") == "preview":
+            if scale is not None:
+                layer.scale, layer.translate = scale, translate
+            layer.data = np.asarray(labels, dtype=np.int32)
+            return layer
+    kwargs = {} if scale is None else {"scale": scale, "translate": translate}
+    return viewer.add_labels(
+        np.asarray(labels, dtype=np.int32),
+        name=PREVIEW_NAME,
+        metadata={PLUGIN_KEY: True, "kind": "preview"},
+        opacity=0.5,
+        **kwargs,
+    )
+
+
+def adopt_layer(layer: Labels) -> bool:
+    """Make a plugin output layer the user's own (it now holds their corrections).
+
+    Returns True when ``layer`` was a plugin layer: it is renamed ``"<image> [corrected]"`` and
+    later predictions go to a new ``"<image> [unet]"`` layer instead of overwriting it.
+    """
+    md = layer.metadata or {}
+    if md.get(PLUGIN_KEY) is not True or md.get("kind", "labels") != "labels":
+        return False
+    src = md.get("source", layer.name)
+    layer.metadata = {**md, PLUGIN_KEY: False, "adopted_from": "napari-unet prediction"}
+    layer.name = f"{src} [corrected]"
+    return True
+
+
+# ----------------------------------------------------------------------------- shapes -> mask
+_AREA_SHAPES = ("rectangle", "polygon", "ellipse")
+
+
+def _ellipse_polygon(corners: np.ndarray, n: int = 64) -> np.ndarray:
+    """Polygon approximating the ellipse inscribed in napari's 4 bounding-box corners."""
+    c = corners.mean(axis=0)
+    a = (corners[1] - corners[0]) / 2
+    b = (corners[3] - corners[0]) / 2
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)[:, None]
+    return c + np.cos(t) * a + np.sin(t) * b
+
+
+def shapes_to_mask(shapes: Shapes, target: Layer, shape: tuple[int, ...] | None = None):
+    """Bool mask (the spatial shape of ``target``): True inside the rectangles, polygons and
+    ellipses of ``shapes``.
+
+    Vertices go from the Shapes layer's data coordinates to the target's through world
+    coordinates using both layers' ``scale`` and ``translate`` (trailing axes aligned, as napari
+    does). A 2D shape over a stack marks that region in every plane; a shape drawn on one plane
+    of a stack marks that plane only. Raises :class:`LayerError` for a shape entirely outside
+    the target, or when there is no area shape at all.
+    """
+    from skimage.draw import polygon2mask
+
+    shape = tuple(shape) if shape is not None else spatial_shape(target)
+    nd = len(shape)
+    mask = np.zeros(shape, dtype=bool)
+    s_scale, s_trans = np.asarray(shapes.scale, float), np.asarray(shapes.translate, float)
+    t_scale, t_trans = np.asarray(target.scale, float), np.asarray(target.translate, float)
+    t_scale, t_trans = t_scale[-nd:], t_trans[-nd:]
+    n_area = 0
+    for i, (verts, kind) in enumerate(zip(shapes.data, shapes.shape_type, strict=True)):
+        if kind not in _AREA_SHAPES:
+            continue
+        n_area += 1
+        v = np.asarray(verts, dtype=float)
+        world = v * s_scale + s_trans
+        k = min(world.shape[1], nd)
+        pts = (world[:, -k:] - t_trans[-k:]) / t_scale[-k:]
+        yx = pts[:, -2:]
+        if kind == "ellipse" and len(yx) == 4:
+            yx = _ellipse_polygon(yx)
+        plane = polygon2mask(shape[-2:], yx)
+        if not plane.any():
+            raise LayerError(
+                f"shape {i + 1} ({kind}) of {shapes.name!r} lies outside {target.name!r} "
+                "(or covers no pixel); move it onto the image or delete it"
+            )
+        key: list[Any] = [slice(None)] * nd
+        for j in range(k - 2):
+            d = nd - k + j
+            idx = int(np.round(pts[:, j].mean()))
+            if not 0 <= idx < shape[d]:
+                raise LayerError(
+                    f"shape {i + 1} ({kind}) of {shapes.name!r} is on a plane outside "
+                    f"{target.name!r} (index {idx} along axis {d}, size {shape[d]})"
+                )
+            key[d] = idx
+        mask[tuple(key)] |= plane
+    if n_area == 0:
+        raise LayerError(
+            f"{shapes.name!r} has no rectangle, ellipse or polygon: draw the corrected regions "
+            "with those tools (lines and paths mark no area)"
+        )
+    return mask
+
+
+# ----------------------------------------------------------------------------- layer combo box
+class LayerCombo(QComboBox):
+    """A combo box of the viewer's layers of some types, kept up to date.
+
+    ``none_label`` adds a first entry meaning "no layer". ``exclude`` filters layers out.
+    """
+
+    def __init__(
+        self,
+        viewer: napari.Viewer,
+        layer_types: tuple[type, ...],
+        none_label: str | None = None,
+        exclude=None,
+        parent=None,
+    ):
+        super().__init__(parent)
+        self._viewer = viewer
+        self._types = layer_types
+        self._none = none_label
+        self._exclude = exclude
+        self._layers: list[weakref.ref] = []
+        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(12)
+        events = viewer.layers.events
+        events.inserted.connect(self.refresh)
+        events.removed.connect(self.refresh)
+        events.moved.connect(self.refresh)
+        self.refresh()
+
+    def _candidates(self) -> list:
+        out = []
+        for layer in self._viewer.layers:
+            if not isinstance(layer, self._types):
+                continue
+            if self._exclude is not None and self._exclude(layer):
+                continue
+            out.append(layer)
+        return out
+
+    def refresh(self, event=None) -> None:
+        current = self.value()
+        layers = self._candidates()
+        for layer in layers:
+            # keep names fresh (disconnect first so a layer is connected once)
+            layer.events.name.disconnect(self.refresh)
+            layer.events.name.connect(self.refresh)
+        self.blockSignals(True)
+        try:
+            self.clear()
+            self._layers = []
+            if self._none is not None:
+                self.addItem(self._none)
+                self._layers.append(lambda: None)
+            for layer in layers:
+                self.addItem(layer.name)
+                self._layers.append(weakref.ref(layer))
+            pos = 0
+            for i, layer in enumerate(layers):
+                if layer is current:
+                    pos = (1 if self._none is not None else 0) + i
+            self.setCurrentIndex(pos if self.count() else -1)
+        finally:
+            self.blockSignals(False)
+        if self.value() is not current:
+            self.currentIndexChanged.emit(self.currentIndex())
+
+    def value(self):
+        i = self.currentIndex()
+        if i < 0 or i >= len(self._layers):
+            return None
+        return self._layers[i]()
+
+    def set_value(self, layer) -> None:
+        for i, ref in enumerate(self._layers):
+            if ref() is layer:
+                self.setCurrentIndex(i)
+                return
+        raise ValueError(f"{getattr(layer, 'name', layer)!r} is not a choice")
+
+    def disconnect_viewer(self) -> None:
+        events = self._viewer.layers.events
+        for em in (events.inserted, events.removed, events.moved):
+            em.disconnect(self.refresh)
+        for layer in self._viewer.layers:
+            layer.events.name.disconnect(self.refresh)

@@ -1,0 +1,865 @@
+"""Models dock widget: list, load, save, rename, delete, roll back, import and export models.
+
+Thin: every operation is one call into :class:`~napari_unet.store.ModelRegistry` or
+:class:`~napari_unet.segmenter.Segmenter` (quick file operations, run on the GUI thread). The
+model it loads becomes the current model of the viewer's :class:`~._session.Session`, shared with
+the Predict and Train widgets.
+
+Each button asks its question (name, confirmation, path) with a small modal dialog, then calls a
+plain method (:meth:`ModelManagerWidget.save_as`, :meth:`~ModelManagerWidget.rename`,
+:meth:`~ModelManagerWidget.delete`, :meth:`~ModelManagerWidget.import_path` ...) that tests and
+scripts can call directly. Errors never escape: they become a napari error notification carrying
+the core's plain message.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QFileDialog,
+    QGridLayout,
+    QHeaderView,
+    QInputDialog,
+    QLabel,
+    QMessageBox,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..segmenter import TASKS, Segmenter
+from ..store import ModelFileError, ModelInfo, read_config, save_model
+from . import _layers
+from ._session import session_for
+from ._workers import user_message
+
+if TYPE_CHECKING:
+    import napari
+
+__all__ = ["ModelManagerWidget", "STARTER"]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the starter model shipped with the package (read-only).
+STARTER = "nuclei"
+
+MODEL_COLUMNS = ("Name", "Version", "Task", "Trained on", "Val score", "Created")
+VERSION_COLUMNS = ("Version", "Created", "Steps", "Val score", "Trained on")
+
+_IMPORT_FILTER = "napari-unet models (*.safetensors config.json);;All files (*)"
+_EXPORT_FILE_FILTER = "Single model file (*.safetensors)"
+_EXPORT_FOLDER_FILTER = "Model folder (any name)"
+
+
+# ----------------------------------------------------------------------------- formatting
+def _short_time(iso: str | None) -> str:
+    """``2024-05-01T12:34:56+02:00`` -> ``2024-05-01 12:34`` in local time; odd text as is."""
+    if not iso:
+        return "–"
+    try:
+        t = _dt.datetime.fromisoformat(str(iso))
+    except ValueError:
+        return str(iso)
+    if t.tzinfo is not None:
+        t = t.astimezone()
+    return t.strftime("%Y-%m-%d %H:%M")
+
+
+def _short_list(names: list[str], keep: int = 2) -> str:
+    if not names:
+        return "–"
+    shown = ", ".join(names[:keep])
+    return shown if len(names) <= keep else f"{shown} +{len(names) - keep}"
+
+
+def _score(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def steps_trained(config: dict[str, Any]) -> int:
+    """Total training steps recorded in a config's ``"history"``."""
+    total = 0
+    history = config.get("history")
+    if isinstance(history, list):
+        for entry in history:
+            steps = entry.get("steps") if isinstance(entry, dict) else None
+            if isinstance(steps, int) and not isinstance(steps, bool):
+                total += steps
+    return total
+
+
+def _trained_on(config: dict[str, Any]) -> list[str]:
+    value = config.get("trained_on")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return []
+
+
+# ----------------------------------------------------------------------------- dialogs
+# Module-level so tests (and the buttons) can replace them; each returns None when cancelled.
+def ask_text(parent: QWidget, title: str, label: str, text: str = "") -> str | None:
+    value, ok = QInputDialog.getText(parent, title, label, text=text)
+    return value.strip() if ok else None
+
+
+def ask_yes_no(parent: QWidget, title: str, text: str) -> bool:
+    yes, no = QMessageBox.StandardButton.Yes, QMessageBox.StandardButton.No
+    return QMessageBox.question(parent, title, text, yes | no, no) == yes
+
+
+def ask_open_path(parent: QWidget) -> str | None:
+    path, _ = QFileDialog.getOpenFileName(
+        parent,
+        "Import a model: a .safetensors file, or the config.json inside a model folder",
+        "",
+        _IMPORT_FILTER,
+    )
+    return path or None
+
+
+def ask_save_path(parent: QWidget, suggested: str) -> str | None:
+    path, chosen = QFileDialog.getSaveFileName(
+        parent,
+        "Export the model (a .safetensors file, or a folder with the folder filter)",
+        suggested,
+        f"{_EXPORT_FILE_FILTER};;{_EXPORT_FOLDER_FILTER}",
+    )
+    if not path:
+        return None
+    if chosen == _EXPORT_FILE_FILTER and Path(path).suffix.lower() != ".safetensors":
+        path += ".safetensors"
+    return path
+
+
+# ----------------------------------------------------------------------------- rows
+@dataclass
+class Entry:
+    """One row of the models table: a registry model (latest version) or the starter model."""
+
+    name: str
+    starter: bool
+    info: ModelInfo | None  # latest version (registry) or None (starter)
+    config: dict[str, Any]
+
+    @property
+    def key(self) -> tuple[bool, str]:
+        return (self.starter, self.name)
+
+
+def _starter_entry() -> Entry | None:
+    """The shipped starter model, if its files are there and readable (no weights loaded)."""
+    try:
+        from importlib import resources
+
+        root = resources.files("napari_unet") / "models" / STARTER
+        if not root.is_dir():
+            return None
+        with resources.as_file(root) as p:
+            config = read_config(p)
+    except Exception as e:  # noqa: BLE001 - a broken starter is simply not offered
+        logger.debug("no usable starter model: %s", e)
+        return None
+    return Entry(STARTER, True, None, config)
+
+
+def _item(text: str, tip: str | None = None) -> QTableWidgetItem:
+    it = QTableWidgetItem(text)
+    it.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
+    if tip:
+        it.setToolTip(tip)
+    return it
+
+
+def _table(columns: tuple[str, ...]) -> QTableWidget:
+    t = QTableWidget(0, len(columns))
+    t.setHorizontalHeaderLabels(list(columns))
+    t.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    t.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+    t.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    t.verticalHeader().setVisible(False)
+    t.setWordWrap(False)
+    t.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+    t.horizontalHeader().setStretchLastSection(True)
+    return t
+
+
+# ----------------------------------------------------------------------------- widget
+class ModelManagerWidget(QWidget):
+    """The viewer's saved models: pick one to use, manage names and versions, share files."""
+
+    # emitted by the session listener; a queued delivery when the session emits off the GUI thread
+    _refresh_requested = Signal()
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        viewer = _layers.unwrap_viewer(napari_viewer)
+        # only a weak link to the viewer: this widget may be referenced after the viewer closed
+        # (tests, scripts) and must not keep the viewer's Qt objects alive
+        self._viewer_ref = weakref.ref(viewer)
+        self.session = session_for(viewer)
+        self._closed = False
+        self._entries: list[Entry] = []
+        self._versions: list[ModelInfo] = []
+
+        self.in_use_label = QLabel()
+        self.in_use_label.setWordWrap(True)
+        self.table = _table(MODEL_COLUMNS)
+        self.versions_label = QLabel("Versions")
+        self.versions_table = _table(VERSION_COLUMNS)
+
+        self.load_button = QPushButton("Load")
+        self.load_button.setToolTip("use the selected model (version) in this viewer")
+        self.save_as_button = QPushButton("Save as…")
+        self.save_as_button.setToolTip("save the model in use under a name (adds a version)")
+        self.rename_button = QPushButton("Rename…")
+        self.delete_button = QPushButton("Delete")
+        self.delete_button.setToolTip("delete the selected model and all its versions")
+        self.rollback_button = QPushButton("Roll back")
+        self.rollback_button.setToolTip(
+            "copy the selected version as the newest version (history is kept) and use it"
+        )
+        self.import_button = QPushButton("Import file…")
+        self.import_button.setToolTip(
+            "add a model file to the list: a .safetensors file or the config.json of a model folder"
+        )
+        self.export_button = QPushButton("Export…")
+        self.export_button.setToolTip(
+            "save the selected model version (or the model in use when nothing is selected) "
+            "to a file or folder"
+        )
+        self.refresh_button = QPushButton("Refresh")
+        self.new_button = QPushButton("New untrained")
+        self.new_button.setToolTip("start from an untrained model (not saved until trained)")
+        self.task_combo = QComboBox()
+        self.task_combo.addItems(TASKS)
+        self.task_combo.setToolTip(
+            "instance: separate objects with ids; semantic: a class per pixel"
+        )
+        self.channels_spin = QSpinBox()
+        self.channels_spin.setRange(1, 64)
+        self.channels_spin.setToolTip("image channels the new model takes (1 = grey, 3 = RGB)")
+        self.classes_spin = QSpinBox()
+        self.classes_spin.setRange(2, 255)
+        self.classes_spin.setToolTip("classes of a semantic model, background included")
+
+        grid = QGridLayout()
+        for i, b in enumerate(
+            (
+                self.load_button,
+                self.save_as_button,
+                self.rename_button,
+                self.delete_button,
+                self.rollback_button,
+                self.import_button,
+                self.export_button,
+                self.refresh_button,
+            )
+        ):
+            grid.addWidget(b, i // 4, i % 4)
+        new_row = QGridLayout()
+        new_row.addWidget(self.new_button, 0, 0, 1, 2)
+        new_row.addWidget(self.task_combo, 0, 2, 1, 2)
+        new_row.addWidget(QLabel("channels"), 1, 0, Qt.AlignmentFlag.AlignRight)
+        new_row.addWidget(self.channels_spin, 1, 1)
+        new_row.addWidget(QLabel("classes"), 1, 2, Qt.AlignmentFlag.AlignRight)
+        new_row.addWidget(self.classes_spin, 1, 3)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.in_use_label)
+        layout.addWidget(self.table, 3)
+        layout.addWidget(self.versions_label)
+        layout.addWidget(self.versions_table, 2)
+        layout.addLayout(grid)
+        layout.addLayout(new_row)
+
+        self.table.itemSelectionChanged.connect(self._on_model_selected)
+        self.versions_table.itemSelectionChanged.connect(self._update_buttons)
+        # bound methods only (no lambdas holding self): the widget must not outlive the viewer
+        self.table.itemDoubleClicked.connect(self._load_clicked)
+        self.load_button.clicked.connect(self._load_clicked)
+        self.save_as_button.clicked.connect(self._ask_save_as)
+        self.rename_button.clicked.connect(self._ask_rename)
+        self.delete_button.clicked.connect(self._delete_clicked)
+        self.rollback_button.clicked.connect(self._rollback_clicked)
+        self.import_button.clicked.connect(self._ask_import)
+        self.export_button.clicked.connect(self._ask_export)
+        self.refresh_button.clicked.connect(self._refresh_clicked)
+        self.new_button.clicked.connect(self._new_clicked)
+        self.task_combo.currentTextChanged.connect(self._update_new_inputs)
+        self._refresh_requested.connect(self.refresh)
+        self.session.model_changed.connect(self._on_model_changed)
+        self._update_new_inputs()
+        self.refresh()
+
+    # ------------------------------------------------------------------ lifecycle
+    def shutdown(self) -> None:
+        """Stop listening to the session (widget closed).
+
+        Not required for correctness: the session holds this widget only weakly, and a call
+        after the Qt widget is gone is caught in :meth:`_on_model_changed`.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.session.model_changed.disconnect(self._on_model_changed)
+        except Exception:  # noqa: BLE001 - already disconnected
+            pass
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
+        self.shutdown()
+        super().closeEvent(event)
+
+    def _on_model_changed(self, *_: Any) -> None:
+        if self._closed:
+            return
+        try:
+            self._refresh_requested.emit()
+        except RuntimeError:  # the Qt widget is gone
+            self._closed = True
+
+    # ------------------------------------------------------------------ reading state
+    @property
+    def viewer(self) -> napari.Viewer | None:
+        """The viewer this widget belongs to (None once it is gone)."""
+        return self._viewer_ref()
+
+    @property
+    def registry(self):
+        return self.session.registry
+
+    def model_names(self) -> list[str]:
+        """Names in the models table, in order (the starter is ``"starter: nuclei"``)."""
+        return [f"starter: {e.name}" if e.starter else e.name for e in self._entries]
+
+    def entry(self, name: str) -> Entry | None:
+        """The registry row ``name`` (or the starter row for ``"starter: nuclei"``)."""
+        for e in self._entries:
+            if (not e.starter and e.name == name) or (e.starter and name == f"starter: {e.name}"):
+                return e
+        return None
+
+    def selected_entry(self) -> Entry | None:
+        rows = self.table.selectionModel().selectedRows()
+        if not rows:
+            return None
+        r = rows[0].row()
+        return self._entries[r] if 0 <= r < len(self._entries) else None
+
+    def selected_version(self) -> int | None:
+        """Version number selected in the versions list (None: the latest)."""
+        rows = self.versions_table.selectionModel().selectedRows()
+        if not rows:
+            return None
+        r = rows[0].row()
+        return self._versions[r].version if 0 <= r < len(self._versions) else None
+
+    def versions_shown(self) -> list[int]:
+        return [i.version for i in self._versions]
+
+    def _in_use_key(self) -> tuple[bool, str] | None:
+        """Which row is the session's model: the registry model of that name, else the starter."""
+        name = self.session.model_name
+        if any(not e.starter and e.name == name for e in self._entries):
+            return (False, name)
+        if any(e.starter and e.name == name for e in self._entries):
+            return (True, name)
+        return None
+
+    def _training(self) -> bool:
+        lock = getattr(self.session, "training_lock", None)
+        return lock is not None and lock.locked()
+
+    def _refuse_while_training(self) -> bool:
+        if self._training():
+            show_error(
+                "a training is running in this viewer: stop it (or let it finish) before "
+                "changing the model in use"
+            )
+            return True
+        return False
+
+    # ------------------------------------------------------------------ refresh
+    def select(self, name: str, version: int | None = None) -> bool:
+        """Select the row ``name`` (and a version in the versions list); False if not listed."""
+        for r, e in enumerate(self._entries):
+            if (not e.starter and e.name == name) or (e.starter and name == f"starter: {e.name}"):
+                self.table.selectRow(r)
+                self._fill_versions()
+                if version is not None:
+                    for vr, info in enumerate(self._versions):
+                        if info.version == version:
+                            self.versions_table.selectRow(vr)
+                self._update_buttons()
+                return True
+        return False
+
+    def refresh(self) -> None:
+        """Re-read the registry and redraw both lists, keeping the selection when possible."""
+        if self._closed:
+            return
+        try:
+            self._refresh()
+        except RuntimeError as e:  # the Qt widget was deleted under us
+            if "deleted" in str(e):
+                self._closed = True
+                return
+            show_error(user_message(e))
+        except Exception as e:  # noqa: BLE001 - never let a redraw raise into Qt
+            logger.exception("refreshing the models list failed")
+            show_error(user_message(e))
+
+    def _refresh(self) -> None:
+        prev = self.selected_entry()
+        prev_key = prev.key if prev is not None else None
+        prev_version = self.selected_version()
+
+        entries: list[Entry] = []
+        starter = _starter_entry()
+        if starter is not None:
+            entries.append(starter)
+        entries += [Entry(i.name, False, i, i.config) for i in self.registry.list()]
+        self._entries = entries
+
+        try:
+            seg = self.session.segmenter  # creates the default model on first use
+            seg_text = f" ({seg.task}, {seg.in_channels} channel(s), {seg.ndim}D)"
+        except Exception as e:  # noqa: BLE001 - shown, not raised
+            seg_text = f" (cannot be built: {user_message(e)})"
+        in_use = self._in_use_key()
+        name = self.session.model_name
+        saved = "" if in_use is not None else " – not saved"
+        starter_tag = " (starter)" if in_use is not None and in_use[0] else ""
+        self.in_use_label.setText(f"in use: {name}{starter_tag}{seg_text}{saved}")
+
+        t = self.table
+        t.blockSignals(True)
+        try:
+            t.clearSelection()
+            t.setRowCount(len(entries))
+            select_row = None
+            for r, e in enumerate(entries):
+                cfg = e.config
+                if e.starter:
+                    label, version, created = f"starter: {e.name}", "built-in", cfg.get("created")
+                    task, trained, score = cfg.get("task"), _trained_on(cfg), cfg.get("val_score")
+                    score = score if isinstance(score, (int, float)) else None
+                else:
+                    assert e.info is not None
+                    label, version, created = e.name, f"v{e.info.version}", e.info.created
+                    task, trained, score = e.info.task, e.info.trained_on, e.info.val_score
+                using = in_use == e.key
+                tip = "in use in this viewer" if using else None
+                cells = [
+                    _item(("● " if using else "") + label, tip or label),
+                    _item(version),
+                    _item(str(task or "–")),
+                    _item(_short_list(trained), "\n".join(trained) or None),
+                    _item(_score(score)),
+                    _item(_short_time(created), str(created or "") or None),
+                ]
+                for c, it in enumerate(cells):
+                    if using:
+                        font = it.font()
+                        font.setBold(True)
+                        it.setFont(font)
+                    t.setItem(r, c, it)
+                if e.key == prev_key:
+                    select_row = r
+            if select_row is not None:
+                t.selectRow(select_row)
+        finally:
+            t.blockSignals(False)
+        self._fill_versions(prev_version if select_row is not None else None)
+        self._update_buttons()
+
+    def _on_model_selected(self) -> None:
+        self._fill_versions()
+        self._update_buttons()
+
+    def _fill_versions(self, keep_version: int | None = None) -> None:
+        e = self.selected_entry()
+        vt = self.versions_table
+        vt.blockSignals(True)
+        try:
+            vt.clearSelection()
+            self._versions = []
+            if e is None:
+                self.versions_label.setText("Versions (select a model)")
+            elif e.starter:
+                self.versions_label.setText(f"Versions of starter: {e.name} (built-in, read-only)")
+            else:
+                try:
+                    self._versions = list(reversed(self.registry.versions(e.name)))
+                except (ModelFileError, OSError, ValueError) as err:
+                    logger.info("cannot list versions of %s: %s", e.name, err)
+                self.versions_label.setText(f"Versions of {e.name} (newest first)")
+            vt.setRowCount(len(self._versions))
+            select_row = None
+            for r, info in enumerate(self._versions):
+                cfg = info.config
+                vtext = f"v{info.version}"
+                src = cfg.get("rolled_back_from")
+                if isinstance(src, int) and not isinstance(src, bool):
+                    vtext += f" (copy of v{src})"
+                cells = [
+                    _item(vtext),
+                    _item(_short_time(info.created), info.created or None),
+                    _item(str(steps_trained(cfg))),
+                    _item(_score(info.val_score)),
+                    _item(_short_list(info.trained_on, 3), "\n".join(info.trained_on) or None),
+                ]
+                for c, it in enumerate(cells):
+                    vt.setItem(r, c, it)
+                if info.version == keep_version:
+                    select_row = r
+            if select_row is not None:
+                vt.selectRow(select_row)
+        finally:
+            vt.blockSignals(False)
+
+    def _update_buttons(self) -> None:
+        if self._closed:
+            return
+        e = self.selected_entry()
+        registry_row = e is not None and not e.starter
+        self.load_button.setEnabled(e is not None)
+        self.rename_button.setEnabled(registry_row)
+        self.delete_button.setEnabled(registry_row)
+        self.rollback_button.setEnabled(registry_row and self.selected_version() is not None)
+
+    def _update_new_inputs(self, *_: Any) -> None:
+        self.classes_spin.setEnabled(self.task_combo.currentText() == "semantic")
+
+    # ------------------------------------------------------------------ target resolution
+    def _target(self, name: str | None) -> Entry | None:
+        """The entry ``name`` (registry name or ``"starter: nuclei"``) or the selected one."""
+        if name is None:
+            e = self.selected_entry()
+            if e is None:
+                show_error("select a model in the list first")
+            return e
+        e = self.entry(name)
+        if e is None:
+            self.refresh()
+            e = self.entry(name)
+        if e is None:
+            show_error(f"no model named {name!r} in {self.registry.root}")
+        return e
+
+    def _version_for(self, e: Entry, name: str | None, version: int | None) -> int | None:
+        if version is None and name is None and self.selected_entry() is e:
+            version = self.selected_version()
+        return version
+
+    # ------------------------------------------------------------------ actions
+    def load(self, name: str | None = None, version: int | None = None) -> bool:
+        """Make a model the viewer's current model.
+
+        Parameters
+        ----------
+        name
+            Registry name or ``"starter: nuclei"``; the selected row when omitted.
+        version
+            Version number; the selected version (else the latest) when omitted.
+        """
+        e = self._target(name)
+        if e is None or self._refuse_while_training():
+            return False
+        version = self._version_for(e, name, version)
+        try:
+            if e.starter:
+                seg = Segmenter.pretrained(e.name)
+            else:
+                seg = Segmenter.load(self.registry.path(e.name, version))
+        except Exception as err:  # noqa: BLE001
+            show_error(user_message(err))
+            self.refresh()
+            return False
+        self.session.set_segmenter(seg, e.name)  # emits model_changed -> refresh
+        which = "starter" if e.starter else f"v{version}" if version is not None else "latest"
+        show_info(f"model {e.name!r} ({which}) loaded")
+        self.select(e.name if not e.starter else f"starter: {e.name}", version)
+        return True
+
+    def save_as(self, name: str) -> ModelInfo | None:
+        """Save the model in use under ``name`` (a new version if it exists) and use that name."""
+        if self._refuse_while_training():
+            return None
+        try:
+            seg = self.session.segmenter
+            config = dict(seg.config)
+            config["name"] = name
+            info = self.registry.save(name, seg.net.state_dict(), config)
+        except Exception as err:  # noqa: BLE001
+            show_error(user_message(err))
+            return None
+        self.session.set_segmenter(seg, name)  # renames it in the session, tells the widgets
+        show_info(f"saved as {name!r} v{info.version}")
+        self.refresh()
+        self.select(name, info.version)
+        return info
+
+    def rename(self, new_name: str, old: str | None = None) -> bool:
+        """Rename a registry model (the selected one by default), all its versions."""
+        e = self._target(old)
+        if e is None:
+            return False
+        if e.starter:
+            show_error("the starter model cannot be renamed; load it and use 'Save as…'")
+            return False
+        in_use = self.session.model_name == e.name
+        if in_use and self._refuse_while_training():
+            return False
+        try:
+            self.registry.rename(e.name, new_name)
+        except Exception as err:  # noqa: BLE001
+            show_error(user_message(err))
+            return False
+        if in_use:
+            self.session.set_segmenter(self.session.segmenter, new_name)
+        self.refresh()
+        self.select(new_name)
+        return True
+
+    def delete(self, name: str | None = None, *, confirm: bool = False) -> bool:
+        """Delete a registry model and all its versions (the selected one by default).
+
+        With ``confirm=True`` the user is asked first. The model in use stays loaded.
+        """
+        e = self._target(name)
+        if e is None:
+            return False
+        if e.starter:
+            show_error("the starter model ships with napari-unet and cannot be deleted")
+            return False
+        if confirm:
+            try:
+                n = len(self.registry.versions(e.name))
+            except Exception as err:  # noqa: BLE001 - gone meanwhile
+                show_error(user_message(err))
+                self.refresh()
+                return False
+            if not ask_yes_no(
+                self,
+                "Delete model",
+                f"Delete the model {e.name!r} and its {n} version(s) from disk? "
+                "This cannot be undone.",
+            ):
+                return False
+        try:
+            self.registry.delete(e.name)
+        except Exception as err:  # noqa: BLE001
+            show_error(user_message(err))
+            self.refresh()
+            return False
+        extra = (
+            " (it stays loaded in this viewer until you load another)"
+            if (self.session.model_name == e.name)
+            else ""
+        )
+        show_info(f"model {e.name!r} deleted{extra}")
+        self.refresh()
+        return True
+
+    def rollback(self, version: int | None = None, name: str | None = None) -> ModelInfo | None:
+        """Copy an older version as the newest one (history is kept) and load it."""
+        e = self._target(name)
+        if e is None:
+            return None
+        if e.starter:
+            show_error("the starter model has no versions to roll back to")
+            return None
+        version = self._version_for(e, name, version)
+        if version is None:
+            show_error("select the version to roll back to in the versions list")
+            return None
+        if self._refuse_while_training():
+            return None
+        try:
+            info = self.registry.rollback(e.name, version)
+            seg = Segmenter.load(info.path)
+        except Exception as err:  # noqa: BLE001
+            show_error(user_message(err))
+            self.refresh()
+            return None
+        self.session.set_segmenter(seg, e.name)
+        show_info(f"{e.name!r} rolled back to v{version} (saved as v{info.version}) and loaded")
+        self.refresh()
+        self.select(e.name, info.version)
+        return info
+
+    def new_model(
+        self,
+        task: str | None = None,
+        channels: int | None = None,
+        num_classes: int | None = None,
+        name: str | None = None,
+        **network: Any,
+    ) -> Segmenter | None:
+        """Use a new untrained model (not saved until trained or 'Save as…').
+
+        ``task``/``channels``/``num_classes`` default to the widget's inputs; ``network`` goes to
+        :meth:`Segmenter.new` (e.g. ``base_channels``, ``depth``, ``ndim``).
+        """
+        if self._refuse_while_training():
+            return None
+        task = task or self.task_combo.currentText()
+        channels = channels or self.channels_spin.value()
+        num_classes = num_classes or self.classes_spin.value()
+        if name is None:
+            name, k = "untitled", 2
+            while self.registry.exists(name):
+                name, k = f"untitled {k}", k + 1
+        try:
+            seg = Segmenter.new(task, channels, num_classes=num_classes, name=name, **network)
+        except Exception as err:  # noqa: BLE001
+            show_error(user_message(err))
+            return None
+        self.session.set_segmenter(seg, name)
+        show_info(f"new untrained {task} model {name!r} ({channels} channel(s)) in use")
+        return seg
+
+    def import_path(self, path: str | Path, name: str | None = None) -> ModelInfo | None:
+        """Add a model file or folder to the registry (under a free name) without using it."""
+        p = Path(path)
+        try:
+            seg = Segmenter.load(p)
+            base = name or self._import_name(p, seg.config)
+            final = base
+            if name is None:
+                k = 2
+                while self.registry.exists(final):
+                    final = f"{base} (imported)" if k == 2 else f"{base} (imported {k - 1})"
+                    k += 1
+            config = dict(seg.config)
+            config["name"] = final
+            info = self.registry.save(final, seg.net.state_dict(), config)
+        except Exception as err:  # noqa: BLE001
+            show_error(user_message(err))
+            return None
+        show_info(f"imported {p.name} as {final!r} v{info.version}")
+        self.refresh()
+        self.select(final, info.version)
+        return info
+
+    def _import_name(self, p: Path, config: dict[str, Any]) -> str:
+        """A usable registry name for an imported model: its config name, else its file name."""
+        from ..store import validate_name
+
+        if p.name == "config.json" or p.name == "weights.safetensors":
+            stem = p.parent.name
+        elif p.is_dir():
+            stem = p.name
+        else:
+            stem = p.stem
+        for cand in (config.get("name"), stem, "imported"):
+            if not isinstance(cand, str) or cand in ("", "untitled"):
+                continue
+            try:
+                return validate_name(cand)
+            except ValueError:
+                continue
+        return "imported"
+
+    def export_path(
+        self, path: str | Path, name: str | None = None, version: int | None = None
+    ) -> Path | None:
+        """Save a model to ``path`` (a ``.safetensors`` file, else a folder).
+
+        Exports the named (or selected) registry model version, or the starter; with nothing
+        selected and no name, the model in use.
+        """
+        try:
+            e = self.entry(name) if name is not None else self.selected_entry()
+            if name is not None and e is None:
+                raise ModelFileError(f"no model named {name!r} in {self.registry.root}")
+            if e is None:
+                seg = self.session.segmenter
+                config = dict(seg.config)
+                config["name"] = self.session.model_name
+                out = save_model(path, seg.net.state_dict(), config)
+                what = f"the model in use ({self.session.model_name!r})"
+            elif e.starter:
+                out = Segmenter.pretrained(e.name).save(path)
+                what = f"the starter model {e.name!r}"
+            else:
+                version = self._version_for(e, name, version)
+                state, config = self.registry.load(e.name, version)
+                config = {k: v for k, v in config.items() if k not in ("format", "format_version")}
+                config["name"] = e.name
+                out = save_model(path, state, config)
+                what = f"{e.name!r} " + (f"v{version}" if version is not None else "(latest)")
+        except Exception as err:  # noqa: BLE001
+            show_error(user_message(err))
+            return None
+        show_info(f"exported {what} to {out}")
+        return Path(out)
+
+    # ------------------------------------------------------------------ button dialogs
+    def _load_clicked(self, *_: Any) -> None:
+        self.load()
+
+    def _delete_clicked(self, *_: Any) -> None:
+        self.delete(confirm=True)
+
+    def _rollback_clicked(self, *_: Any) -> None:
+        self.rollback()
+
+    def _refresh_clicked(self, *_: Any) -> None:
+        self.refresh()
+
+    def _ask_save_as(self, *_: Any) -> None:
+        current = self.session.model_name
+        name = ask_text(self, "Save model as", "Model name:", current)
+        if not name:
+            return
+        if (
+            name != current
+            and self.registry.exists(name)
+            and not ask_yes_no(
+                self,
+                "Model exists",
+                f"A model named {name!r} exists. Add the model in use as its newest version?",
+            )
+        ):
+            return
+        self.save_as(name)
+
+    def _ask_rename(self, *_: Any) -> None:
+        e = self.selected_entry()
+        if e is None or e.starter:
+            return
+        new = ask_text(self, "Rename model", f"New name for {e.name!r}:", e.name)
+        if new and new != e.name:
+            self.rename(new)
+
+    def _ask_import(self, *_: Any) -> None:
+        path = ask_open_path(self)
+        if path:
+            self.import_path(path)
+
+    def _ask_export(self, *_: Any) -> None:
+        e = self.selected_entry()
+        suggested = (e.name if e is not None else self.session.model_name) + ".safetensors"
+        path = ask_save_path(self, suggested)
+        if path:
+            self.export_path(path)
+
+    def _new_clicked(self, *_: Any) -> None:
+        self.new_model()

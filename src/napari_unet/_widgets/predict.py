@@ -1,0 +1,192 @@
+"""Predict dock widget: segment an image layer with the viewer's current U-Net.
+
+Thin: reads the layer and the options, runs :meth:`Segmenter.predict_iter` in a napari thread
+worker, shows its ``(done, total)`` progress and writes the result as the plugin's own layers
+(``"<image> [unet]"``, optionally ``"<image> [unet prob]"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from . import _layers
+from ._session import session_for
+from ._workers import ShutdownHook, Task, start_prediction, user_message
+
+if TYPE_CHECKING:
+    import napari
+
+    from ..segmenter import Segmenter
+
+__all__ = ["PredictWidget", "DEVICES"]
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _not_plugin_output(layer) -> bool:
+    """Exclude the plugin's probability/preview layers from the image choices."""
+    return (layer.metadata or {}).get(_layers.PLUGIN_KEY) is True
+
+
+def describe_model(name: str, seg: Segmenter) -> str:
+    nd = f"{seg.ndim}D"
+    return f"{name}  ({seg.task}, {seg.in_channels} channel(s), {nd})"
+
+
+class PredictWidget(QWidget):
+    """Segment the chosen image layer with the viewer's current model."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = _layers.unwrap_viewer(napari_viewer)
+        self.session = session_for(self.viewer)
+        self._task: Task | None = None
+        self._closed = False
+
+        from napari.layers import Image
+
+        self.image_combo = _layers.LayerCombo(self.viewer, (Image,), exclude=_not_plugin_output)
+        self.model_label = QLabel()
+        self.model_label.setWordWrap(True)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(DEVICES)
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems(_layers.SCOPES)
+        self.probs_check = QCheckBox("also add probabilities")
+        self.predict_button = QPushButton("Predict")
+        self.cancel_button = QPushButton("Cancel")
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(False)
+
+        form = QFormLayout()
+        form.addRow("Image", self.image_combo)
+        form.addRow("Model", self.model_label)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Scope", self.scope_combo)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.predict_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.probs_check)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addStretch(1)
+
+        self.predict_button.clicked.connect(self.predict)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.session.model_changed.connect(self._on_model_changed)
+        self._on_model_changed()
+        self._update_buttons()
+        self._hook = ShutdownHook(self, self.viewer, self.shutdown)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    def _update_buttons(self) -> None:
+        if self._closed:
+            return
+        self.predict_button.setEnabled(not self.running)
+        self.cancel_button.setEnabled(self.running)
+
+    def _on_model_changed(self, *_) -> None:
+        if self._closed:
+            return
+        try:
+            self.model_label.setText(
+                describe_model(self.session.model_name, self.session.segmenter)
+            )
+        except RuntimeError:  # the Qt widget is gone
+            self._closed = True
+        except Exception as e:  # noqa: BLE001 - a model that fails to load is shown, not raised
+            self.model_label.setText(f"(no model: {user_message(e)})")
+
+    # ------------------------------------------------------------------ actions
+    def predict(self) -> Task | None:
+        """Start predicting the chosen layer; returns the running task (None when refused)."""
+        if self.running:
+            show_warning("a prediction is already running")
+            return None
+        layer = self.image_combo.value()
+        if layer is None:
+            show_error("no image layer to segment: open or choose an image first")
+            return None
+        try:
+            seg = self.session.segmenter
+            if self.session.training_lock.locked():
+                show_info("a training is running: predicting with a snapshot of the current model")
+            request = _layers.make_request(self.viewer, layer, seg, self.scope_combo.currentText())
+        except ValueError as e:
+            show_error(str(e))
+            return None
+        except Exception as e:  # noqa: BLE001 - never an uncaught traceback
+            logger.exception("napari-unet: cannot prepare the prediction")
+            show_error(user_message(e))
+            return None
+        for note in request.notes:
+            show_info(note)
+        self._task = start_prediction(
+            self.viewer,
+            seg,
+            [request],
+            device=self.device_combo.currentText(),
+            probabilities=self.probs_check.isChecked(),
+            progress=self.progress,
+            on_error=show_error,
+            on_finished=self._on_finished,
+        )
+        self._update_buttons()
+        return self._task
+
+    def cancel(self) -> None:
+        """Stop the running prediction; no layer is changed."""
+        if self._task is not None:
+            self._task.quit()
+
+    def _on_finished(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and task.cancelled and not self._closed:
+            self.progress.setValue(0)
+        self._update_buttons()
+
+    # ------------------------------------------------------------------ closing
+    def shutdown(self) -> None:
+        """Stop a running prediction and wait for its thread (window closing / widget gone)."""
+        if self._closed:
+            return
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.stop(timeout=10.0)
+        try:
+            self.session.model_changed.disconnect(self._on_model_changed)
+        except Exception:  # noqa: BLE001 - already disconnected
+            pass
+        try:
+            self.image_combo.disconnect_viewer()
+        except Exception:  # noqa: BLE001 - the viewer may already be torn down
+            pass
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
+        self.shutdown()
+        super().closeEvent(event)

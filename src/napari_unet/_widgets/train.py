@@ -1,0 +1,689 @@
+"""Train dock widget: fine-tune the viewer's U-Net on the user's (image, labels) pairs.
+
+Thin: reads the layers (copies: training never touches them) and the options, runs
+:meth:`Segmenter.finetune` in a napari thread worker, and turns its :class:`TrainProgress`
+events into a progress bar, a status line, a loss curve and an optional preview layer. At the end
+(finished or stopped) the model is saved to the registry and the other widgets are told.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..segmenter import Segmenter
+from ..training import TrainProgress
+from . import _layers
+from ._session import Session, session_for
+from ._workers import (
+    EventedState,
+    Preview,
+    ShutdownHook,
+    State,
+    Task,
+    TrainJob,
+    start_prediction,
+    user_message,
+)
+from .predict import DEVICES
+
+if TYPE_CHECKING:
+    import napari
+    from napari.layers import Image, Labels
+
+__all__ = ["TrainWidget", "TrainRun", "Outcome"]
+
+logger = logging.getLogger(__name__)
+
+NONE = "(none)"
+
+
+# ----------------------------------------------------------------------------- the run (no Qt)
+@dataclass
+class Outcome:
+    """How a training ended: ``status`` is done / stopped / failed."""
+
+    status: str
+    message: str
+    saved: Any = None  # the registry's ModelInfo when saved
+
+
+class TrainRun:
+    """One training: its task and what to do when it ends. Plain Python (usable at shutdown)."""
+
+    def __init__(self, session: Session, segmenter: Segmenter, replace: bool, task: Task):
+        self.session = session
+        self.segmenter = segmenter
+        self.replace = replace  # a fresh model: it becomes the session's model at the end
+        self.task = task
+        self.name = session.model_name  # saved under the name it had when training started
+        self.outcome: Outcome | None = None
+
+    @property
+    def job(self) -> TrainJob:
+        return self.task.job  # type: ignore[return-value]
+
+    def finish(self) -> Outcome:
+        """Close the job, save the trained model, tell the other widgets; release the lock.
+
+        Call on the GUI thread once the worker has left the job. Idempotent.
+        """
+        if self.outcome is not None:
+            return self.outcome
+        if not self.task.done:
+            # the thread did not stop in time: leave everything (and the lock) to it
+            self.outcome = Outcome("failed", "the training thread did not stop in time")
+            return self.outcome
+        try:
+            self.job.close()  # the core's finally: weights on the CPU, history recorded
+            self.outcome = self._conclude()
+        except Exception as e:  # noqa: BLE001 - reported, never raised into Qt
+            logger.exception("napari-unet: error at the end of a training")
+            self.outcome = Outcome("failed", user_message(e))
+        finally:
+            try:
+                self.session.training_lock.release()
+            except RuntimeError:  # not held
+                pass
+        return self.outcome
+
+    def _conclude(self) -> Outcome:
+        job, s = self.job, self.session
+        if job.failure is not None:
+            return Outcome("failed", job.failure)
+        last = job.last
+        if last is None:
+            return Outcome("stopped", "training stopped before its first step: model unchanged")
+        status = "done" if last.done else "stopped"
+        if self.replace:
+            s.set_segmenter(self.segmenter, name=self.name)
+        loss = "n/a" if last.loss is None or not np.isfinite(last.loss) else f"{last.loss:.4f}"
+        what = f"{last.step} steps in {last.seconds:.0f} s, loss {loss}"
+        if last.val_f1 is not None:
+            what += f", validation F1 {last.val_f1:.3f}"
+        try:
+            info = s.registry.save(
+                self.name, self.segmenter.net.state_dict(), self.segmenter.config
+            )
+        except Exception as e:  # noqa: BLE001 - the model stays in memory, the user is told
+            s.notify_trained()
+            return Outcome(status, f"trained ({what}) but not saved: {user_message(e)}")
+        s.notify_trained()
+        verb = "finished" if status == "done" else "stopped"
+        return Outcome(
+            status, f"training {verb}: {what}; saved as {info.name!r} v{info.version}", info
+        )
+
+
+# ----------------------------------------------------------------------------- loss curve
+class LossCurve(QWidget):
+    """Loss per step (and validation F1 points), redrawn at most 4 times per second."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.val_steps: list[int] = []
+        self.vals: list[float] = []
+        self.canvas = None
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        try:
+            from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+            from matplotlib.figure import Figure
+        except Exception:  # noqa: BLE001 - the curve is optional
+            layout.addWidget(QLabel("(install matplotlib for a loss curve)"))
+        else:
+            fig = Figure(figsize=(3.2, 2.0), layout="constrained")
+            self.ax = fig.add_subplot()
+            self.ax2 = self.ax.twinx()
+            self.canvas = FigureCanvasQTAgg(fig)
+            self.canvas.setMinimumHeight(140)
+            layout.addWidget(self.canvas)
+            self._setup_axes()
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(250)
+        self._timer.timeout.connect(self.draw_now)
+        self.draws = 0
+
+    def _setup_axes(self) -> None:
+        self.ax.set_xlabel("step", fontsize=8)
+        self.ax.set_ylabel("loss", fontsize=8)
+        self.ax2.set_ylabel("val F1", fontsize=8)
+        self.ax2.set_ylim(0, 1)
+        for a in (self.ax, self.ax2):
+            a.tick_params(labelsize=7)
+
+    def clear(self) -> None:
+        self.steps.clear()
+        self.losses.clear()
+        self.val_steps.clear()
+        self.vals.clear()
+        self.draw_now()
+
+    def add(self, p: TrainProgress) -> None:
+        if p.loss is not None and np.isfinite(p.loss):
+            self.steps.append(p.step)
+            self.losses.append(float(p.loss))
+        if p.val_f1 is not None and (not self.vals or p.val_f1 != self.vals[-1] or p.done):
+            self.val_steps.append(p.step)
+            self.vals.append(float(p.val_f1))
+        if not self._timer.isActive():
+            self._timer.start()
+
+    def draw_now(self) -> None:
+        self._timer.stop()
+        if self.canvas is None:
+            return
+        self.draws += 1
+        self.ax.cla()
+        self.ax2.cla()
+        self._setup_axes()
+        if self.steps:
+            self.ax.plot(self.steps, self.losses, lw=1, color="tab:blue")
+        if self.vals:
+            self.ax2.plot(self.val_steps, self.vals, "o", ms=3, color="tab:orange")
+        self.canvas.draw_idle()
+
+
+# ----------------------------------------------------------------------------- the widget
+def _labels_choice(layer) -> bool:
+    """Exclude the plugin's preview layer from the labels choices."""
+    md = layer.metadata or {}
+    return md.get(_layers.PLUGIN_KEY) is True and md.get("kind") == "preview"
+
+
+def _image_choice(layer) -> bool:
+    return (layer.metadata or {}).get(_layers.PLUGIN_KEY) is True
+
+
+class TrainWidget(QWidget):
+    """Fine-tune the viewer's current model on (image, labels) pairs."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        from napari.layers import Image, Labels, Shapes
+
+        self.viewer = _layers.unwrap_viewer(napari_viewer)
+        self.session = session_for(self.viewer)
+        self.state = EventedState(State.IDLE)
+        self._run: TrainRun | None = None
+        self._refresh_task: Task | None = None
+        self._pairs: list[tuple[weakref.ref, weakref.ref]] = []
+        self._trained: list[weakref.ref] = []
+        self._preview_image: weakref.ref | None = None
+        self._closed = False
+        self.last_progress: TrainProgress | None = None
+
+        # data
+        self.image_combo = _layers.LayerCombo(self.viewer, (Image,), exclude=_image_choice)
+        self.labels_combo = _layers.LayerCombo(self.viewer, (Labels,), exclude=_labels_choice)
+        self.shapes_combo = _layers.LayerCombo(self.viewer, (Shapes,), none_label=NONE)
+        self.add_pair_button = QPushButton("Add pair")
+        self.remove_pair_button = QPushButton("Remove pair")
+        self.pair_list = QListWidget()
+        self.pair_list.setMaximumHeight(80)
+        data_box = QGroupBox("Training data")
+        form = QFormLayout()
+        form.addRow("Image", self.image_combo)
+        form.addRow("Labels", self.labels_combo)
+        pair_buttons = QHBoxLayout()
+        pair_buttons.addWidget(self.add_pair_button)
+        pair_buttons.addWidget(self.remove_pair_button)
+        form.addRow(pair_buttons)
+        form.addRow(self.pair_list)
+        form.addRow("Corrected regions", self.shapes_combo)
+        data_box.setLayout(form)
+        self.pair_list.setToolTip(
+            "pairs to train on; when empty, the Image/Labels choice above is used"
+        )
+        self.shapes_combo.setToolTip(
+            "a Shapes layer whose rectangles/polygons mark where the labels were checked; "
+            "pixels outside are ignored by training"
+        )
+
+        # options
+        self.seconds_spin = QSpinBox()
+        self.seconds_spin.setRange(0, 24 * 3600)
+        self.seconds_spin.setValue(30)
+        self.seconds_spin.setSuffix(" s")
+        self.seconds_spin.setSpecialValueText("no limit")
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(0, 10_000_000)
+        self.steps_spin.setValue(0)
+        self.steps_spin.setSpecialValueText("no limit")
+        self.lr_edit = QLineEdit()
+        self.lr_edit.setPlaceholderText("default")
+        self.from_current_check = QCheckBox("start from the current model")
+        self.from_current_check.setChecked(True)
+        self.val_check = QCheckBox("hold out 10% for validation")
+        self.preview_spin = QDoubleSpinBox()
+        self.preview_spin.setRange(0, 3600)
+        self.preview_spin.setDecimals(1)
+        self.preview_spin.setValue(5)
+        self.preview_spin.setSuffix(" s")
+        self.preview_spin.setSpecialValueText("off")
+        self.threads_spin = QSpinBox()
+        self.threads_spin.setRange(1, max(1, os.cpu_count() or 1))
+        self.threads_spin.setValue(max(1, (os.cpu_count() or 2) - 1))
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(DEVICES)
+        opt_box = QGroupBox("Options")
+        opts = QFormLayout()
+        opts.addRow("Time budget", self.seconds_spin)
+        opts.addRow("Steps", self.steps_spin)
+        opts.addRow("Learning rate", self.lr_edit)
+        opts.addRow(self.from_current_check)
+        opts.addRow(self.val_check)
+        opts.addRow("Preview every", self.preview_spin)
+        opts.addRow("CPU threads", self.threads_spin)
+        opts.addRow("Device", self.device_combo)
+        opt_box.setLayout(opts)
+
+        # run
+        self.train_button = QPushButton("Train")
+        self.stop_button = QPushButton("Stop")
+        self.refresh_button = QPushButton("Refresh prediction")
+        self.refresh_button.setToolTip("predict the trained image(s) again with the new model")
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(False)
+        self.status_label = QLabel("idle")
+        self.status_label.setWordWrap(True)
+        self.curve = LossCurve()
+        run_buttons = QHBoxLayout()
+        run_buttons.addWidget(self.train_button)
+        run_buttons.addWidget(self.stop_button)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(data_box)
+        layout.addWidget(opt_box)
+        layout.addLayout(run_buttons)
+        layout.addWidget(self.refresh_button)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status_label)
+        layout.addWidget(self.curve)
+        layout.addStretch(1)
+
+        self.add_pair_button.clicked.connect(self.add_pair)
+        self.remove_pair_button.clicked.connect(self.remove_selected_pair)
+        self.train_button.clicked.connect(self.train)
+        self.stop_button.clicked.connect(self.stop)
+        self.refresh_button.clicked.connect(self.refresh_prediction)
+        self.state.changed.connect(self._apply_state)
+        self.viewer.layers.events.removed.connect(self._prune_pairs)
+        self.viewer.dims.events.current_step.connect(self._on_dims)
+        self._apply_state()
+        self._hook = ShutdownHook(self, self.viewer, self.shutdown)
+
+    # ------------------------------------------------------------------ pairs
+    def add_pair(self) -> None:
+        image, labels = self.image_combo.value(), self.labels_combo.value()
+        if image is None or labels is None:
+            show_error("choose an image layer and a labels layer to add a pair")
+            return
+        for im, lab in self._pairs:
+            if im() is image and lab() is labels:
+                show_warning(f"the pair {image.name!r} / {labels.name!r} is already in the list")
+                return
+        self._pairs.append((weakref.ref(image), weakref.ref(labels)))
+        self._refresh_pair_list()
+
+    def remove_selected_pair(self) -> None:
+        row = self.pair_list.currentRow()
+        if 0 <= row < len(self._pairs):
+            del self._pairs[row]
+            self._refresh_pair_list()
+
+    def pairs(self) -> list[tuple[Image, Labels]]:
+        """The pairs to train on: the list, or else the current combo choice."""
+        out = [(im(), lab()) for im, lab in self._pairs]
+        out = [(im, lab) for im, lab in out if im is not None and lab is not None]
+        if out:
+            return out
+        image, labels = self.image_combo.value(), self.labels_combo.value()
+        if image is None or labels is None:
+            raise _layers.LayerError(
+                "choose an image layer and its labels layer (paint labels on a Labels layer first)"
+            )
+        return [(image, labels)]
+
+    def _refresh_pair_list(self) -> None:
+        if self._closed:
+            return
+        self.pair_list.clear()
+        for im, lab in self._pairs:
+            i, j = im(), lab()
+            if i is not None and j is not None:
+                self.pair_list.addItem(f"{i.name}  \u2190  {j.name}")
+
+    def _prune_pairs(self, event=None) -> None:
+        alive = set(map(id, self.viewer.layers))
+        self._pairs = [
+            (im, lab)
+            for im, lab in self._pairs
+            if im() is not None and lab() is not None and id(im()) in alive and id(lab()) in alive
+        ]
+        self._refresh_pair_list()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def refreshing(self) -> bool:
+        return self._refresh_task is not None
+
+    def _apply_state(self, *_: Any) -> None:
+        if self._closed:
+            return
+        st = self.state.value
+        busy = st in (State.TRAINING, State.STOPPING)
+        self.train_button.setEnabled(not busy and not self.refreshing)
+        self.stop_button.setEnabled(st == State.TRAINING)
+        self.refresh_button.setEnabled(
+            st == State.DONE and not self.refreshing and bool(self._trained)
+        )
+        for w in (self.add_pair_button, self.remove_pair_button, self.from_current_check):
+            w.setEnabled(not busy)
+        if st == State.STOPPING:
+            self.status_label.setText("stopping ...")
+
+    # ------------------------------------------------------------------ training
+    def _read_options(self) -> dict:
+        secs = float(self.seconds_spin.value()) or None
+        steps = int(self.steps_spin.value()) or None
+        if secs is None and steps is None:
+            raise ValueError("set a time budget or a number of steps (both are 'no limit')")
+        text = self.lr_edit.text().strip()
+        lr = None
+        if text:
+            try:
+                lr = float(text)
+            except ValueError:
+                raise ValueError(f"learning rate {text!r} is not a number (e.g. 0.001)") from None
+            if not (np.isfinite(lr) and lr > 0):
+                raise ValueError(f"the learning rate must be a positive number, not {text!r}")
+        return {
+            "time_limit_s": secs,
+            "steps": steps,
+            "lr": lr,
+            "val_fraction": 0.1 if self.val_check.isChecked() else 0.0,
+            "device": self.device_combo.currentText(),
+            "num_threads": int(self.threads_spin.value()),
+        }
+
+    def _model(self) -> tuple[Segmenter, bool]:
+        seg = self.session.segmenter
+        if self.from_current_check.isChecked():
+            return seg, False
+        arch = seg.config.get("architecture", {})
+        new = Segmenter.new(
+            task=seg.task,
+            in_channels=seg.in_channels,
+            num_classes=max(2, int(arch.get("out_channels", 2))),
+            ndim=seg.ndim,
+            base_channels=int(arch.get("base_channels", 16)),
+            depth=int(arch.get("depth", 3)),
+            up_mode=arch.get("up_mode", "transpose"),
+            dropout=float(arch.get("dropout", 0.0)),
+            name=self.session.model_name,
+        )
+        return new, True
+
+    def _plan(self) -> dict:
+        """Read layers and options; raises ValueError with a plain message on bad input."""
+        opts = self._read_options()
+        pairs = self.pairs()
+        axes = None
+        for image, labels in pairs:
+            ax = _layers.image_axes(image, self.viewer)
+            if axes is None:
+                axes = ax
+            elif ax != axes:
+                raise _layers.LayerError(
+                    f"all training images must have the same axes: {pairs[0][0].name!r} is "
+                    f"{axes}, {image.name!r} is {ax}"
+                )
+            want = _layers.spatial_shape(image)
+            got = tuple(np.shape(labels.data))
+            if got != want:
+                raise _layers.LayerError(
+                    f"labels {labels.name!r} have shape {got} but image {image.name!r} has "
+                    f"shape {want}; they must match pixel for pixel"
+                )
+        seg, replace = self._model()
+        channel, note = _layers.model_channel(pairs[0][0], seg)
+        masks = None
+        shapes = self.shapes_combo.value()
+        if shapes is not None:
+            masks = [_layers.shapes_to_mask(shapes, labels) for _, labels in pairs]
+        # copies: training reads these, the user may keep painting
+        images = [np.array(_layers.image_array(im)) for im, _ in pairs]
+        labels = [np.array(lab.data) for _, lab in pairs]
+        preview_region = None
+        every = float(self.preview_spin.value())
+        if every > 0 and seg.ndim == 2:
+            preview_region = _layers.plan_region(pairs[0][0], self.viewer, _layers.SCOPES[1], 2)
+        return {
+            "pairs": pairs,
+            "segmenter": seg,
+            "replace": replace,
+            "note": note,
+            "job": TrainJob(
+                seg,
+                images,
+                labels,
+                masks,
+                preview_every=every if preview_region is not None else 0.0,
+                preview_region=preview_region,
+                preview_rgb=bool(getattr(pairs[0][0], "rgb", False)),
+                axes=axes,
+                channel=channel,
+                names=[im.name for im, _ in pairs],
+                **opts,
+            ),
+        }
+
+    def train(self) -> Task | None:
+        """Start training; returns the task (None when refused)."""
+        if self.state.value in (State.TRAINING, State.STOPPING) or self.refreshing:
+            show_warning("a training is already running")
+            return None
+        if not self.session.training_lock.acquire(blocking=False):
+            show_warning("a training is already running")
+            return None
+        try:
+            plan = self._plan()
+        except ValueError as e:
+            self.session.training_lock.release()
+            show_error(str(e))
+            return None
+        except Exception as e:  # noqa: BLE001 - never an uncaught traceback
+            self.session.training_lock.release()
+            logger.exception("napari-unet: cannot prepare the training")
+            show_error(user_message(e))
+            return None
+        if plan["note"]:
+            show_info(plan["note"])
+        for _, labels in plan["pairs"]:
+            if _layers.adopt_layer(labels):
+                show_info(
+                    f"training on the prediction layer: it is now your layer {labels.name!r}; "
+                    "new predictions go to a new layer"
+                )
+                self._refresh_pair_list()
+        try:
+            task = Task(plan["job"])
+        except Exception as e:  # noqa: BLE001 - never an uncaught traceback
+            self.session.training_lock.release()
+            logger.exception("napari-unet: cannot start the training worker")
+            show_error(user_message(e))
+            return None
+        self._run = TrainRun(self.session, plan["segmenter"], plan["replace"], task)
+        self._trained = [weakref.ref(im) for im, _ in plan["pairs"]]
+        self._preview_image = weakref.ref(plan["pairs"][0][0])
+        self.last_progress = None
+        task.worker.yielded.connect(self._on_yield)
+        task.on_finished(self._on_train_finished)
+        self.progress.setValue(0)
+        self.curve.clear()
+        self.status_label.setText("starting ...")
+        self.state.value = State.TRAINING
+        task.start()
+        return task
+
+    def stop(self) -> None:
+        """Stop the training at its next step; the model keeps the last completed step."""
+        if self._run is not None and self.state.value == State.TRAINING:
+            self.state.value = State.STOPPING
+            self._run.task.quit()
+
+    def _on_yield(self, item: Any) -> None:
+        if self._closed or self._run is None or self._run.task.detached:
+            return
+        if isinstance(item, TrainProgress):
+            self.last_progress = item
+            self.progress.setValue(int(round(1000 * item.fraction)))
+            text = (
+                f"step {item.step}  loss {item.loss:.4f}  {item.patches_per_s:.1f} patches/s"
+                if item.loss is not None and np.isfinite(item.loss)
+                else f"step {item.step}"
+            )
+            if item.val_f1 is not None:
+                text += f"  val F1 {item.val_f1:.3f}"
+            if self.state.value == State.TRAINING:
+                self.status_label.setText(text)
+            self.curve.add(item)
+        elif isinstance(item, Preview):
+            try:
+                image = self._preview_image() if self._preview_image is not None else None
+                _layers.write_preview(self.viewer, item.labels, image)
+            except Exception:  # noqa: BLE001 - a preview is optional
+                logger.exception("napari-unet: could not show the preview")
+
+    def _on_dims(self, event=None) -> None:
+        run = self._run
+        if run is None or run.job.preview_region is None or self._preview_image is None:
+            return
+        image = self._preview_image()
+        if image is None or image not in self.viewer.layers:
+            return
+        try:
+            run.job.preview_region = _layers.plan_region(image, self.viewer, _layers.SCOPES[1], 2)
+        except ValueError:
+            pass
+
+    def _on_train_finished(self) -> None:
+        run, self._run = self._run, None
+        if run is None or self._closed:
+            return
+        outcome = run.finish()
+        self.curve.draw_now()
+        if outcome.status == "failed":
+            self.status_label.setText(f"failed: {outcome.message}")
+            show_error(outcome.message)
+            self.state.value = State.FAILED
+            return
+        if outcome.status == "done":
+            self.progress.setValue(1000)
+        self.status_label.setText(outcome.message)
+        show_info(outcome.message)
+        self.state.value = State.DONE
+        self._apply_state()
+
+    # ------------------------------------------------------------------ refresh
+    def refresh_prediction(self) -> Task | None:
+        """Predict the trained image(s) again, replacing the plugin's own prediction layers."""
+        if self.refreshing or self.state.value in (State.TRAINING, State.STOPPING):
+            show_warning("wait for the running training or prediction to finish")
+            return None
+        images = [ref() for ref in self._trained]
+        images = [im for im in images if im is not None and im in self.viewer.layers]
+        if not images:
+            show_error("the trained image layers are gone: nothing to predict")
+            return None
+        seg = self.session.segmenter
+        try:
+            requests = [_layers.make_request(self.viewer, im, seg) for im in images]
+        except ValueError as e:
+            show_error(str(e))
+            return None
+        self._refresh_task = start_prediction(
+            self.viewer,
+            seg,
+            requests,
+            device=self.device_combo.currentText(),
+            num_threads=int(self.threads_spin.value()),
+            progress=self.progress,
+            on_error=show_error,
+            on_finished=self._on_refresh_finished,
+        )
+        self.status_label.setText("predicting the trained image(s) ...")
+        self._apply_state()
+        return self._refresh_task
+
+    def _on_refresh_finished(self) -> None:
+        self._refresh_task = None
+        if self._closed:
+            return
+        self.status_label.setText("prediction refreshed")
+        self._apply_state()
+
+    # ------------------------------------------------------------------ closing
+    def shutdown(self) -> None:
+        """Stop training/prediction and wait for the threads (window closing, widget gone).
+
+        A stopped training is still saved.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        run, self._run = self._run, None
+        if run is not None:
+            run.task.stop(timeout=10.0)
+            outcome = run.finish()
+            logger.info("napari-unet: training ended at close: %s", outcome.message)
+            self.state.value = State.FAILED if outcome.status == "failed" else State.DONE
+        task, self._refresh_task = self._refresh_task, None
+        if task is not None:
+            task.stop(timeout=10.0)
+        for emitter, cb in (
+            (self.viewer.layers.events.removed, self._prune_pairs),
+            (self.viewer.dims.events.current_step, self._on_dims),
+        ):
+            try:
+                emitter.disconnect(cb)
+            except Exception:  # noqa: BLE001 - the viewer may already be torn down
+                pass
+        for combo in (self.image_combo, self.labels_combo, self.shapes_combo):
+            try:
+                combo.disconnect_viewer()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
+        self.shutdown()
+        super().closeEvent(event)

@@ -1,0 +1,223 @@
+"""PredictWidget in a real (hidden) napari viewer, with a tiny model and tiny images."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from qtpy.QtCore import QThreadPool  # noqa: E402
+
+from napari_unet._widgets import _layers  # noqa: E402
+from napari_unet._widgets import predict as predict_mod  # noqa: E402
+from napari_unet._widgets._session import session_for  # noqa: E402
+from napari_unet._widgets.predict import PredictWidget  # noqa: E402
+from napari_unet.data import make_nuclei  # noqa: E402
+from napari_unet.segmenter import Segmenter  # noqa: E402
+from napari_unet.store import ModelRegistry  # noqa: E402
+
+
+def eager_model(**kwargs) -> Segmenter:
+    """A tiny untrained model biased to 'interior' everywhere: its labels are never empty."""
+    seg = Segmenter.new(base_channels=4, depth=2, seed=0, **kwargs)
+    with torch.no_grad():
+        seg.net.outc.bias.copy_(torch.tensor([0.0, 6.0, 0.0]))
+    return seg
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    return make_nuclei((64, 64), seed=1)
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    got: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
+    for kind, sink in got.items():
+        monkeypatch.setattr(predict_mod, f"show_{kind}", sink.append)
+    return got
+
+
+@pytest.fixture
+def make_widget(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_UNET_HOME", str(tmp_path / "models"))
+    made = []
+
+    def make(segmenter: Segmenter | None = None):
+        viewer = make_napari_viewer()
+        session = session_for(viewer)
+        session.registry = ModelRegistry(tmp_path / "models")
+        seg = segmenter or eager_model()
+        session.set_segmenter(seg, name="tiny")
+        widget = PredictWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="U-Net Predict")
+        made.append(widget)
+        return viewer, widget
+
+    yield make
+    for w in made:
+        qtbot.waitUntil(lambda w=w: not w.running, timeout=10_000)
+    pool = QThreadPool.globalInstance()
+    qtbot.waitUntil(lambda: pool.activeThreadCount() == 0, timeout=5_000)
+
+
+def run(qtbot, widget, timeout=20_000):
+    task = widget.predict()
+    assert task is not None
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+    return task
+
+
+def own_layers(viewer):
+    return [ly for ly in viewer.layers if (ly.metadata or {}).get("napari_unet") is True]
+
+
+def test_predict_adds_and_replaces_own_layer(make_widget, qtbot, nuclei, messages):
+    viewer, w = make_widget()
+    image, truth = nuclei
+    img = viewer.add_image(image, name="nuc", scale=(2.0, 0.5), translate=(10, -4))
+    # a user layer with the very name the plugin uses: never touched
+    user = viewer.add_labels(truth.copy(), name="nuc [unet]")
+    w.image_combo.set_value(img)
+    w.probs_check.setChecked(True)
+    run(qtbot, w)
+    assert not messages["error"], messages
+    out = _layers.find_own_layer(viewer, "nuc")
+    assert out is not None and out is not user
+    assert out.data.shape == image.shape and np.issubdtype(out.data.dtype, np.integer)
+    assert out.name.startswith("nuc [unet]")
+    assert out.metadata["napari_unet"] is True and out.metadata["source"] == "nuc"
+    np.testing.assert_allclose(out.scale, img.scale)
+    np.testing.assert_allclose(out.translate, img.translate)
+    prob = _layers.find_own_layer(viewer, "nuc", "probabilities", 1)
+    assert prob is not None and prob.name == "nuc [unet prob]"
+    assert prob.data.shape == image.shape and prob.data.dtype == np.float32
+    assert w.progress.value() == w.progress.maximum()
+
+    # re-predict: same layer objects, data replaced, no new layer, user layer unchanged
+    n_layers = len(viewer.layers)
+    out.data = np.full_like(out.data, 77)
+    run(qtbot, w)
+    assert len(viewer.layers) == n_layers
+    assert _layers.find_own_layer(viewer, "nuc") is out
+    assert out.data.any() and not (out.data == 77).any()
+    np.testing.assert_array_equal(user.data, truth)
+
+
+def test_predict_stack_slice_and_rgb(make_widget, qtbot, messages):
+    viewer, w = make_widget()
+    stack, _ = make_nuclei((3, 48, 48), seed=2)
+    img = viewer.add_image(stack, name="stack", scale=(3.0, 1.0, 1.0))
+    w.image_combo.set_value(img)
+    assert _layers.image_axes(img, viewer) == "ZYX"
+    # current slice only: the other planes stay empty
+    viewer.dims.set_current_step(0, 1)
+    w.scope_combo.setCurrentText("current slice")
+    run(qtbot, w)
+    out = _layers.find_own_layer(viewer, "stack")
+    assert out.data.shape == stack.shape and out.data.dtype == np.int32
+    np.testing.assert_allclose(out.scale, (3.0, 1.0, 1.0))
+    assert out.data[1].any()
+    assert not out.data[0].any() and not out.data[2].any()
+    plane1 = out.data[1].copy()
+    # whole stack: every plane predicted (same model, same plane -> same result)
+    w.scope_combo.setCurrentText("whole layer")
+    run(qtbot, w)
+    assert _layers.find_own_layer(viewer, "stack") is out
+    np.testing.assert_array_equal(out.data[1] > 0, plane1 > 0)
+    assert out.data[0].any() and out.data[2].any()
+
+    # RGB with a 1-channel model: the green channel is used, and the user is told
+    grey, _ = make_nuclei((48, 48), seed=4, dtype=np.uint8)
+    rgb = np.stack([grey // 2, grey, grey // 3], axis=-1)
+    rgb_layer = viewer.add_image(rgb, name="colour", rgb=True)
+    assert _layers.image_axes(rgb_layer, viewer) == "YXC"
+    w.image_combo.set_value(rgb_layer)
+    run(qtbot, w)
+    out = _layers.find_own_layer(viewer, "colour")
+    assert out.data.shape == (48, 48) and out.data.dtype == np.int32
+    assert any("green" in m for m in messages["info"])
+    assert not messages["error"], messages
+
+
+def test_predict_field_of_view(make_widget, qtbot, nuclei, monkeypatch, messages):
+    viewer, w = make_widget()
+    image, _ = nuclei
+    img = viewer.add_image(image, name="nuc", translate=(5, 5))
+    w.image_combo.set_value(img)
+    corners = _layers.visible_world_corners(viewer)  # the real canvas can be read
+    assert corners.shape == (2, viewer.dims.ndim) and np.all(np.isfinite(corners))
+    # a known view: world rows 15..34, cols 25..54 -> data rows 10..29, cols 20..49
+    view = np.array([[15.0, 25.0], [34.0, 54.0]])
+    monkeypatch.setattr(_layers, "visible_world_corners", lambda v: view)
+    w.scope_combo.setCurrentText("current field of view")
+    run(qtbot, w)
+    out = _layers.find_own_layer(viewer, "nuc")
+    assert out.data.shape == image.shape
+    inside = np.zeros(image.shape, bool)
+    inside[10:31, 20:51] = True  # +1 pixel margin of the rounding
+    assert out.data[inside].any()
+    assert not out.data[~inside].any()
+    np.testing.assert_allclose(out.translate, img.translate)
+    # predicting the view again keeps the rest of the layer; new ids do not collide with it
+    out.data = np.where(inside, 0, 500).astype(np.int32)
+    run(qtbot, w)
+    assert _layers.find_own_layer(viewer, "nuc") is out
+    assert (out.data[~inside] == 500).all()
+    assert out.data[inside].any() and (out.data[inside & (out.data > 0)] > 500).all()
+    assert not messages["error"], messages
+
+
+def test_cancel_leaves_no_layer(make_widget, qtbot, nuclei, monkeypatch, messages):
+    viewer, w = make_widget()
+    closed = []
+
+    def slow_predict_iter(self, image, axes=None, **kwargs):
+        try:
+            for k in range(1000):
+                time.sleep(0.01)
+                yield k, 1000
+        finally:
+            closed.append(True)
+        raise AssertionError("never reached")  # pragma: no cover
+
+    monkeypatch.setattr(Segmenter, "predict_iter", slow_predict_iter)
+    img = viewer.add_image(nuclei[0], name="nuc")
+    w.image_combo.set_value(img)
+    w.predict()
+    assert w.running and w.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: w.progress.value() > 0, timeout=5_000)
+    t0 = time.perf_counter()
+    w.cancel()
+    qtbot.waitUntil(lambda: not w.running, timeout=5_000)
+    assert time.perf_counter() - t0 < 2.0
+    assert closed  # the core generator was closed
+    assert own_layers(viewer) == []
+    assert w.predict_button.isEnabled()
+    assert not messages["error"], messages
+
+
+def test_bad_input_gives_messages(make_widget, qtbot, nuclei, messages):
+    viewer, w = make_widget()
+    w.predict()  # no image at all
+    assert messages["error"] and "image" in messages["error"][-1]
+
+    bad = nuclei[0].astype(np.float32)
+    bad[3, 4] = np.nan
+    viewer.add_image(bad, name="nan image")
+    run(qtbot, w)
+    assert "nan" in messages["error"][-1].lower()
+    assert own_layers(viewer) == []
+
+    # a 3-channel model on a grey image: the core's message about channels
+    session_for(viewer).set_segmenter(Segmenter.new(in_channels=3, base_channels=4, depth=2))
+    w.image_combo.set_value(viewer.add_image(nuclei[0], name="grey"))
+    run(qtbot, w)
+    assert "channel" in messages["error"][-1]
+    assert own_layers(viewer) == []
+    assert "3 channel" in w.model_label.text()

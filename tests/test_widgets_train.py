@@ -1,0 +1,256 @@
+"""TrainWidget in a real (hidden) napari viewer, with a tiny model and tiny images."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from qtpy.QtCore import QThreadPool  # noqa: E402
+
+from napari_unet._widgets import _layers  # noqa: E402
+from napari_unet._widgets import train as train_mod  # noqa: E402
+from napari_unet._widgets._session import session_for  # noqa: E402
+from napari_unet._widgets._workers import State  # noqa: E402
+from napari_unet._widgets.train import TrainWidget  # noqa: E402
+from napari_unet.data import make_nuclei  # noqa: E402
+from napari_unet.segmenter import Segmenter  # noqa: E402
+from napari_unet.store import ModelRegistry  # noqa: E402
+
+
+def tiny() -> Segmenter:
+    return Segmenter.new(base_channels=4, depth=2, seed=0)
+
+
+def weights(seg: Segmenter) -> dict:
+    return {k: v.detach().clone() for k, v in seg.net.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    return make_nuclei((64, 64), seed=5)
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    got: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
+    for kind, sink in got.items():
+        monkeypatch.setattr(train_mod, f"show_{kind}", sink.append)
+    return got
+
+
+@pytest.fixture
+def setup(make_napari_viewer, qtbot, tmp_path, monkeypatch, nuclei):
+    """A viewer with a tiny model, an image 'img' and labels 'truth', and a TrainWidget."""
+    monkeypatch.setenv("NAPARI_UNET_HOME", str(tmp_path / "models"))
+    viewer = make_napari_viewer()
+    session = session_for(viewer)
+    session.registry = ModelRegistry(tmp_path / "models")
+    session.set_segmenter(tiny(), name="tiny")
+    image, labels = nuclei
+    img = viewer.add_image(image, name="img")
+    lab = viewer.add_labels(labels.copy(), name="truth")
+    w = TrainWidget(viewer)
+    viewer.window.add_dock_widget(w, name="U-Net Train")
+    w.image_combo.set_value(img)
+    w.labels_combo.set_value(lab)
+    w.preview_spin.setValue(0)
+    w.threads_spin.setValue(1)
+    w.device_combo.setCurrentText("cpu")
+    yield viewer, w, session
+    qtbot.waitUntil(lambda: w.state.value not in (State.TRAINING, State.STOPPING), timeout=20_000)
+    qtbot.waitUntil(lambda: not w.refreshing, timeout=20_000)
+    pool = QThreadPool.globalInstance()
+    qtbot.waitUntil(lambda: pool.activeThreadCount() == 0, timeout=5_000)
+    assert not session.training_lock.locked()
+
+
+def train_steps(qtbot, w, steps=3, timeout=30_000):
+    w.seconds_spin.setValue(0)
+    w.steps_spin.setValue(steps)
+    task = w.train()
+    assert task is not None, "training refused"
+    qtbot.waitUntil(lambda: w.state.value in (State.DONE, State.FAILED), timeout=timeout)
+    return task
+
+
+def test_short_training_then_refresh(setup, qtbot, nuclei, messages):
+    viewer, w, session = setup
+    before = weights(session.segmenter)
+    labels_before = viewer.layers["truth"].data.copy()
+    image_before = viewer.layers["img"].data.copy()
+    train_steps(qtbot, w, steps=3)
+    assert w.state.value == State.DONE, messages
+    assert not messages["error"], messages
+    assert not same(before, weights(session.segmenter))  # trained in place
+    assert w.last_progress is not None and w.last_progress.step == 3
+    assert w.progress.value() > 0
+    assert w.curve.steps and w.curve.draws > 0
+    assert "step" in w.status_label.text() or "saved" in w.status_label.text()
+    infos = session.registry.versions("tiny")
+    assert len(infos) == 1 and infos[0].config["history"][-1]["steps"] == 3
+    assert any("saved" in m for m in messages["info"])
+    # the user's layers are untouched and nothing else was added
+    np.testing.assert_array_equal(viewer.layers["truth"].data, labels_before)
+    np.testing.assert_array_equal(viewer.layers["img"].data, image_before)
+    assert [ly.name for ly in viewer.layers] == ["img", "truth"]
+
+    # refresh prediction: a new plugin layer for the trained image (the labels are not touched)
+    assert w.refresh_button.isEnabled()
+    assert w.refresh_prediction() is not None
+    qtbot.waitUntil(lambda: not w.refreshing, timeout=20_000)
+    out = _layers.find_own_layer(viewer, "img")
+    assert out is not None and out.data.shape == nuclei[0].shape and out.data.dtype == np.int32
+    np.testing.assert_array_equal(viewer.layers["truth"].data, labels_before)
+
+    # training on the plugin's own layer makes it the user's: refresh never overwrites it
+    w.labels_combo.set_value(out)
+    out.data = nuclei[1].astype(np.int32)
+    train_steps(qtbot, w, steps=2)
+    assert w.state.value == State.DONE, messages
+    assert out.name == "img [corrected]" and out.metadata["napari_unet"] is False
+    w.refresh_prediction()
+    qtbot.waitUntil(lambda: not w.refreshing, timeout=20_000)
+    np.testing.assert_array_equal(out.data, nuclei[1])
+    assert _layers.find_own_layer(viewer, "img") not in (None, out)
+    assert len(session.registry.versions("tiny")) == 2
+
+
+def test_stop_long_training(setup, qtbot, messages):
+    viewer, w, session = setup
+    w.seconds_spin.setValue(60)
+    w.steps_spin.setValue(0)
+    w.preview_spin.setValue(0.3)
+    assert w.train() is not None
+    assert w.state.value == State.TRAINING and w.stop_button.isEnabled()
+    # a preview layer appears while training
+    qtbot.waitUntil(
+        lambda: any((ly.metadata or {}).get("kind") == "preview" for ly in viewer.layers),
+        timeout=20_000,
+    )
+    assert viewer.layers["unet preview"].data.shape == (64, 64)
+    # a second training while one runs: refused with a warning
+    assert w.train() is None
+    assert messages["warning"] == ["a training is already running"]
+    t0 = time.perf_counter()
+    w.stop()
+    assert w.state.value == State.STOPPING
+    qtbot.waitUntil(lambda: w.state.value == State.DONE, timeout=5_000)
+    assert time.perf_counter() - t0 < 2.0
+    assert w.last_progress is not None and not w.last_progress.done
+    info = session.registry.versions("tiny")[-1]
+    assert info.config["history"][-1]["stopped"] == "stopped by the user"
+    assert any("stopped" in m for m in messages["info"]), messages
+    assert not messages["error"], messages
+
+
+def test_shapes_region_ignores_outside(setup, qtbot, nuclei, messages):
+    viewer, w, session = setup
+    _, truth = nuclei
+    lab = viewer.layers["truth"]
+    # the corrected region: rows 0..27, all columns (two ways: a rectangle and a polygon)
+    shapes = viewer.add_shapes(
+        [
+            np.array([[-0.5, -0.5], [15, -0.5], [15, 63.5], [-0.5, 63.5]]),
+            np.array([[14, -0.5], [27.5, -0.5], [27.5, 63.5], [14, 63.5]]),
+        ],
+        shape_type=["rectangle", "polygon"],
+        name="checked",
+    )
+    mask = _layers.shapes_to_mask(shapes, lab)
+    assert mask[:28].all() and not mask[28:].any()
+    w.shapes_combo.set_value(shapes)
+
+    def run_with(labels_data, use_shapes=True):
+        session.set_segmenter(tiny(), name="tiny")
+        lab.data = labels_data
+        w.shapes_combo.set_value(shapes if use_shapes else None)
+        train_steps(qtbot, w, steps=3)
+        assert w.state.value == State.DONE, messages
+        return weights(session.segmenter)
+
+    other = truth.copy()
+    other[40:] = 0  # labels far outside the region differ
+    other[45:55, 10:20] = 99
+    a = run_with(truth.copy())
+    b = run_with(other)
+    assert same(a, b)
+    c = run_with(other, use_shapes=False)  # without the region the difference matters
+    assert not same(a, c)
+    np.testing.assert_array_equal(lab.data, other)  # never modified by training
+    assert not messages["error"], messages
+
+
+def test_bad_inputs_give_messages(setup, qtbot, nuclei, messages):
+    viewer, w, session = setup
+    image, truth = nuclei
+    user_layers = {ly.name: np.array(ly.data) for ly in viewer.layers}
+
+    def refused(expect: str):
+        n = len(messages["error"])
+        task = w.train()
+        if task is not None:  # refused by the core, in the worker
+            qtbot.waitUntil(lambda: w.state.value == State.FAILED, timeout=20_000)
+        assert len(messages["error"]) == n + 1, messages
+        assert expect in messages["error"][-1].lower(), messages["error"][-1]
+        assert not session.training_lock.locked()
+        assert w.train_button.isEnabled()
+
+    w.seconds_spin.setValue(0)
+    w.steps_spin.setValue(2)
+    # labels of another shape than the image
+    small = viewer.add_labels(truth[:32, :32].copy(), name="small")
+    w.labels_combo.set_value(small)
+    refused("shape")
+    # empty labels and no region
+    empty = viewer.add_labels(np.zeros_like(truth), name="empty")
+    w.labels_combo.set_value(empty)
+    refused("empty")
+    # a shapes region outside the image
+    far = viewer.add_shapes(
+        [np.array([[200, 200], [220, 200], [220, 230], [200, 230]])], name="far"
+    )
+    w.labels_combo.set_value(viewer.layers["truth"])
+    w.shapes_combo.set_value(far)
+    refused("outside")
+    w.shapes_combo.set_value(None)
+    # NaN in a float image
+    bad = image.astype(np.float32)
+    bad[5, 5] = np.nan
+    w.image_combo.set_value(viewer.add_image(bad, name="nan"))
+    refused("nan")
+    w.image_combo.set_value(viewer.layers["img"])
+    # a model whose channel count does not fit the image
+    session.set_segmenter(Segmenter.new(in_channels=3, base_channels=4, depth=2), name="rgb")
+    refused("channel")
+    session.set_segmenter(tiny(), name="tiny")
+    # no budget
+    w.steps_spin.setValue(0)
+    refused("budget")
+    # the user's layers are unchanged and no model was saved
+    for name, data in user_layers.items():
+        np.testing.assert_array_equal(viewer.layers[name].data, data)
+    assert session.registry.list() == []
+
+
+def test_viewer_close_while_training_stops_and_saves(setup, qtbot, messages):
+    viewer, w, session = setup
+    w.seconds_spin.setValue(60)
+    w.steps_spin.setValue(0)
+    w.train()
+    qtbot.waitUntil(lambda: w.last_progress is not None, timeout=20_000)
+    t0 = time.perf_counter()
+    viewer.close()  # the window's close stops and waits for the worker
+    assert time.perf_counter() - t0 < 10.0
+    assert not session.training_lock.locked()
+    pool = QThreadPool.globalInstance()
+    qtbot.waitUntil(lambda: pool.activeThreadCount() == 0, timeout=2_000)
+    assert session.registry.versions("tiny")
