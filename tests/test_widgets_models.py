@@ -37,6 +37,8 @@ def messages(monkeypatch):
 @pytest.fixture
 def widget(make_napari_viewer, tmp_path, monkeypatch, messages):
     monkeypatch.setenv("NAPARI_UNET_HOME", str(tmp_path / "models"))
+    # the registry rows alone; the shipped starter row has its own test below
+    monkeypatch.setattr(models_mod, "_starter_entry", lambda: None)
     viewer = make_napari_viewer()
     session = session_for(viewer)
     session.registry = ModelRegistry(tmp_path / "models")
@@ -268,3 +270,11 @@ def test_starter_row_is_read_only(widget, messages, monkeypatch):
     assert s.model_name == "nuclei" and "(starter)" in w.in_use_label.text()
     assert same_weights(s.segmenter.net.state_dict(), starter.net.state_dict())
     assert row_text(w, "starter: nuclei")[0] == "● starter: nuclei"
+
+
+def test_shipped_starter_is_listed(make_napari_viewer, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_UNET_HOME", str(tmp_path / "models"))
+    viewer = make_napari_viewer()
+    session_for(viewer).registry = ModelRegistry(tmp_path / "models")
+    w = ModelManagerWidget(viewer)
+    assert w.model_names() == ["starter: nuclei"]

@@ -69,7 +69,12 @@ _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def session_for(viewer: napari.Viewer) -> Session:
-    """The session of ``viewer`` (created on first use)."""
+    """The session of ``viewer`` (created on first use).
+
+    napari hands each plugin widget its own proxy of the viewer; the session is keyed by the
+    real viewer behind it, so all widgets of one viewer share one model.
+    """
+    viewer = getattr(viewer, "__wrapped__", viewer)
     try:
         return _SESSIONS[viewer]
     except KeyError:
