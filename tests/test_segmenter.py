@@ -261,7 +261,9 @@ def test_lazy_inputs_match_numpy(tiny, nuclei):
     img = nuclei[0]
     ref = tiny.predict(img, tile_shape=(48, 48), overlap=16)
     lazy = tiny.predict(da.from_array(img, chunks=(32, 32)), tile_shape=(48, 48), overlap=16)
-    z = zarr.create_array(store=zarr.storage.MemoryStore(), shape=img.shape, chunks=(32, 32), dtype=img.dtype)
+    z = zarr.create_array(
+        store=zarr.storage.MemoryStore(), shape=img.shape, chunks=(32, 32), dtype=img.dtype
+    )
     z[:] = img
     zpred = tiny.predict(z, tile_shape=(48, 48), overlap=16)
     for other in (lazy, zpred):
