@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+# torch's optimisers import torch._dynamo the first time one is built: ~2.7 s of import work
+# that holds the GIL. Done here (when napari loads the widget) instead of in the training
+# worker, where it froze the viewer for ~0.5 s right after the first Train click.
+import torch._dynamo  # noqa: F401, E402
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
