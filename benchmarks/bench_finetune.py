@@ -4,7 +4,7 @@ Command (full run, about 6 minutes on 2 idle cores)::
 
     python benchmarks/bench_finetune.py
 
-Smoke run (under a minute)::
+Smoke run (1-3 minutes)::
 
     python benchmarks/bench_finetune.py --quick
 
@@ -162,7 +162,7 @@ def child_a(spec: dict) -> dict:
 
 
 def part_a(args) -> str:
-    seconds = 2.0 if args.quick else 8.0
+    seconds = 2.0 if args.quick else 6.0
     patch, batch = 128, 8
     threads_list = (1, 2) if (os.cpu_count() or 1) >= 2 else (1,)
     print(f"\n## a. fine-tuning throughput, patch {patch}x{patch}, batch {batch}")
