@@ -730,6 +730,6 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
-    for f in ((tmp_path / "m").iterdir()):
+    for f in (tmp_path / "m").iterdir():
         assert f.stat().st_mode & 0o777 == 0o644, f
     assert (tmp_path / "one.safetensors").stat().st_mode & 0o777 == 0o644

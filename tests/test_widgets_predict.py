@@ -120,7 +120,7 @@ def test_predict_stack_slice_and_rgb(make_widget, qtbot, messages):
     w.scope_combo.setCurrentText("current slice")
     run(qtbot, w)
     out = _layers.find_own_layer(viewer, "stack")
-    assert out.data.shape == stack.shape and out.data.dtype == np.int32
+    assert out.data.shape == stack.shape and out.data.dtype == np.uint16  # compact: ids fit
     np.testing.assert_allclose(out.scale, (3.0, 1.0, 1.0))
     assert out.data[1].any()
     assert not out.data[0].any() and not out.data[2].any()
@@ -140,7 +140,7 @@ def test_predict_stack_slice_and_rgb(make_widget, qtbot, messages):
     w.image_combo.set_value(rgb_layer)
     run(qtbot, w)
     out = _layers.find_own_layer(viewer, "colour")
-    assert out.data.shape == (48, 48) and out.data.dtype == np.int32
+    assert out.data.shape == (48, 48) and out.data.dtype == np.uint16  # compact: ids fit
     assert any("green" in m for m in messages["info"])
     assert not messages["error"], messages
 
@@ -221,3 +221,13 @@ def test_bad_input_gives_messages(make_widget, qtbot, nuclei, messages):
     assert "channel" in messages["error"][-1]
     assert own_layers(viewer) == []
     assert "3 channel" in w.model_label.text()
+
+
+def test_compact_labels_keeps_every_id():
+    small = np.array([[0, 1], [65534, 7]], np.int32)
+    out = _layers.compact_labels(small)
+    assert out.dtype == np.uint16
+    np.testing.assert_array_equal(out, small)
+    big = np.array([[0, 70_000]], np.int64)
+    out = _layers.compact_labels(big)  # ids past uint16 stay exact
+    assert out.dtype == np.int32 and out[0, 1] == 70_000

@@ -108,7 +108,7 @@ def test_short_training_then_refresh(setup, qtbot, nuclei, messages):
     assert w.refresh_prediction() is not None
     qtbot.waitUntil(lambda: not w.refreshing, timeout=20_000)
     out = _layers.find_own_layer(viewer, "img")
-    assert out is not None and out.data.shape == nuclei[0].shape and out.data.dtype == np.int32
+    assert out is not None and out.data.shape == nuclei[0].shape and out.data.dtype == np.uint16
     np.testing.assert_array_equal(viewer.layers["truth"].data, labels_before)
 
     # training on the plugin's own layer makes it the user's: refresh never overwrites it
@@ -131,11 +131,9 @@ def test_stop_long_training(setup, qtbot, messages):
     w.preview_spin.setValue(0.3)
     assert w.train() is not None
     assert w.state.value == State.TRAINING and w.stop_button.isEnabled()
-    # a preview layer appears while training
-    qtbot.waitUntil(
-        lambda: any((ly.metadata or {}).get("kind") == "preview" for ly in viewer.layers),
-        timeout=20_000,
-    )
+    # the preview layer is made at the click (not mid-training), then filled while training
+    assert any((ly.metadata or {}).get("kind") == "preview" for ly in viewer.layers)
+    qtbot.waitUntil(lambda: w.previews_shown > 0, timeout=20_000)
     assert viewer.layers["unet preview"].data.shape == (64, 64)
     # a second training while one runs: refused with a warning
     assert w.train() is None

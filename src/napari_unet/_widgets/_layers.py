@@ -311,6 +311,20 @@ def _merge(
     return full
 
 
+def compact_labels(labels: np.ndarray) -> np.ndarray:
+    """uint16 when the ids fit (0..65534), else int32.
+
+    napari uploads uint8/uint16 labels to the GPU as they are but maps every pixel of a wider
+    integer type through a lookup table on the GUI thread: measured on a 4096x4096 layer under
+    Xvfb, ``add_labels`` 0.09 s (uint16) vs 0.29-0.60 s (int32), ``layer.data = ...`` 0.016 s vs
+    0.27-0.32 s. Brush painting is unaffected (new ids stay below 65535 in practice).
+    """
+    labels = np.asarray(labels)
+    if labels.size == 0 or (labels.min() >= 0 and labels.max() < 65535):
+        return labels.astype(np.uint16, copy=False)
+    return labels.astype(np.int32, copy=False)
+
+
 def _put_layer(
     viewer: napari.Viewer,
     kind: str,
@@ -356,6 +370,7 @@ def write_prediction(
         np.int32,
         relabel=segmenter_task == "instance",
     )
+    labels = compact_labels(labels)
     layer = _put_layer(
         viewer,
         "labels",
@@ -400,27 +415,43 @@ def write_prediction(
 
 def write_preview(viewer: napari.Viewer, labels: np.ndarray, image: Image | None) -> Labels:
     """Create or update the 2D ``"unet preview"`` labels layer (placed like the image's YX)."""
-    from napari.layers import Labels
-
     scale = translate = None
     if image is not None and image in viewer.layers:
         scale = tuple(float(s) for s in image.scale[-2:])
         translate = tuple(float(t) for t in image.translate[-2:])
-    for layer in viewer.layers:
-        md = layer.metadata or {}
-        if isinstance(layer, Labels) and md.get(PLUGIN_KEY) is True and md.get("kind") == "preview":
-            if scale is not None:
-                layer.scale, layer.translate = scale, translate
-            layer.data = np.asarray(labels, dtype=np.int32)
-            return layer
+    layer = _find_preview(viewer)
+    if layer is not None:
+        if scale is not None:
+            layer.scale, layer.translate = scale, translate
+        layer.data = compact_labels(labels)
+        return layer
     kwargs = {} if scale is None else {"scale": scale, "translate": translate}
     return viewer.add_labels(
-        np.asarray(labels, dtype=np.int32),
+        compact_labels(labels),
         name=PREVIEW_NAME,
         metadata={PLUGIN_KEY: True, "kind": "preview"},
         opacity=0.5,
         **kwargs,
     )
+
+
+def _find_preview(viewer: napari.Viewer) -> Labels | None:
+    from napari.layers import Labels
+
+    for layer in viewer.layers:
+        md = layer.metadata or {}
+        if isinstance(layer, Labels) and md.get(PLUGIN_KEY) is True and md.get("kind") == "preview":
+            return layer
+    return None
+
+
+def ensure_preview(viewer: napari.Viewer, image: Image) -> Labels:
+    """The ``"unet preview"`` layer, created empty (the image's YX shape) if there is none."""
+    layer = _find_preview(viewer)
+    shape = spatial_shape(image)[-2:]
+    if layer is not None and tuple(layer.data.shape) == tuple(shape):
+        return layer
+    return write_preview(viewer, np.zeros(shape, np.uint16), image)
 
 
 def adopt_layer(layer: Labels) -> bool:

@@ -46,6 +46,7 @@ __all__ = [
     "ShutdownHook",
     "start_prediction",
     "user_message",
+    "set_progress",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,20 @@ def user_message(exc: BaseException) -> str:
     if isinstance(exc, ValueError):
         return text
     return f"{type(exc).__name__}: {text}"
+
+
+def set_progress(bar: QWidget, value: int) -> None:
+    """``bar.setValue(value)`` without Qt's synchronous repaint.
+
+    ``QProgressBar.setValue`` repaints at once, and in a window that holds napari's OpenGL
+    canvas a synchronous repaint re-composes the whole window (~40 ms with software OpenGL).
+    With updates off during the change, Qt schedules one ordinary (asynchronous) repaint.
+    """
+    bar.setUpdatesEnabled(False)
+    try:
+        bar.setValue(value)
+    finally:
+        bar.setUpdatesEnabled(True)
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -193,6 +208,11 @@ class TrainJob(Job):
     Every ``preview_every`` seconds of training, predicts ``preview_region`` of the first image
     (a 2D slice; the GUI may replace the region while training) and yields a :class:`Preview`.
     ``last`` is the last progress event; ``failure`` a message when the core refused or failed.
+
+    :meth:`request_stop` ends the training at its next yield (every step, every preview tile)
+    *inside* the worker: the core records its history and ``save`` (when given) writes the model
+    in the worker thread too, so the GUI thread never waits for a file write. ``saved`` is what
+    ``save`` returned, ``save_error`` a message when it failed.
     """
 
     def __init__(
@@ -205,6 +225,7 @@ class TrainJob(Job):
         preview_every: float = 0.0,
         preview_region: _layers.Region | None = None,
         preview_rgb: bool = False,
+        save: Callable[[Segmenter], Any] | None = None,
         **finetune_kwargs: Any,
     ):
         super().__init__()
@@ -214,7 +235,19 @@ class TrainJob(Job):
         self.preview_every = float(preview_every or 0.0)
         self.preview_region = preview_region
         self.preview_rgb = preview_rgb
+        self.save = save
+        self.saved: Any = None
+        self.save_error: str | None = None
         self.last: TrainProgress | None = None
+        self._stop = threading.Event()
+
+    def request_stop(self) -> None:
+        """Stop at the next yield (thread-safe); the worker then saves and returns."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
 
     def run(self):
         try:
@@ -224,13 +257,29 @@ class TrainJob(Job):
             for p in ft:
                 self.last = p
                 yield p
+                if self.stop_requested:
+                    break
                 if self.preview_every > 0 and not p.done and p.seconds >= due:
                     t0 = time.perf_counter()
                     yield from self._preview()
+                    if self.stop_requested:
+                        break
                     due = p.seconds + (time.perf_counter() - t0) + self.preview_every
+            ft.close()  # the core's finally: weights back on the CPU, history recorded
+            self._inner.remove(ft)
         except Exception as e:  # noqa: BLE001 - reported as a Failure, never raised
             return self._fail(e)
+        self._save()
         return self.last
+
+    def _save(self) -> None:
+        if self.save is None or self.last is None:
+            return
+        try:
+            self.saved = self.save(self.segmenter)
+        except Exception as e:  # noqa: BLE001 - the model stays in memory, the user is told
+            logger.warning("napari-unet: could not save the trained model (%s)", e)
+            self.save_error = user_message(e)
 
     def _preview(self):
         region = self.preview_region
@@ -246,7 +295,22 @@ class TrainJob(Job):
                 return_probabilities=False,
                 num_threads=self.kwargs.get("num_threads"),
             )
-            pred = yield from self._drive(_relay(gen, lambda d, t: None))
+            relay = _relay(gen, lambda d, t: None)
+            self._inner.append(relay)
+            try:
+                while True:
+                    try:
+                        item = next(relay)
+                    except StopIteration as stop:
+                        pred = stop.value
+                        break
+                    yield item
+                    if self.stop_requested:
+                        return
+            finally:
+                relay.close()
+                if relay in self._inner:
+                    self._inner.remove(relay)
         except Exception as e:  # noqa: BLE001 - a failed preview must not stop the training
             logger.warning("napari-unet: preview disabled (%s)", user_message(e))
             self.preview_every = 0.0
@@ -368,7 +432,7 @@ def start_prediction(
     def on_yield(item: Any) -> None:
         if task_ref.detached or progress is None or not isinstance(item, PredictProgress):
             return
-        progress.setValue(int(round(1000 * item.fraction)))
+        set_progress(progress, int(round(1000 * item.fraction)))
 
     def on_return(result: Any) -> None:
         if task_ref.detached or task_ref.cancelled:

@@ -87,6 +87,10 @@ class TrainRun:
         self.name = session.model_name  # saved under the name it had when training started
         self.outcome: Outcome | None = None
 
+    def save(self, segmenter: Segmenter) -> Any:
+        """Write ``segmenter`` to the registry under the run's name (any thread)."""
+        return self.session.registry.save(self.name, segmenter.net.state_dict(), segmenter.config)
+
     @property
     def job(self) -> TrainJob:
         return self.task.job  # type: ignore[return-value]
@@ -129,13 +133,16 @@ class TrainRun:
         what = f"{last.step} steps in {last.seconds:.0f} s, loss {loss}"
         if last.val_f1 is not None:
             what += f", validation F1 {last.val_f1:.3f}"
-        try:
-            info = s.registry.save(
-                self.name, self.segmenter.net.state_dict(), self.segmenter.config
-            )
-        except Exception as e:  # noqa: BLE001 - the model stays in memory, the user is told
+        info = job.saved  # normally written by the worker thread (no file I/O on the GUI)
+        error = job.save_error
+        if info is None and error is None:  # aborted (viewer closing): save here
+            try:
+                info = self.save(self.segmenter)
+            except Exception as e:  # noqa: BLE001 - the model stays in memory, the user is told
+                error = user_message(e)
+        if error is not None:
             s.notify_trained()
-            return Outcome(status, f"trained ({what}) but not saved: {user_message(e)}")
+            return Outcome(status, f"trained ({what}) but not saved: {error}")
         s.notify_trained()
         verb = "finished" if status == "done" else "stopped"
         return Outcome(
@@ -279,6 +286,7 @@ class TrainWidget(QWidget):
         self._trained: list[weakref.ref] = []
         self._preview_image: weakref.ref | None = None
         self._closed = False
+        self.previews_shown = 0  # previews drawn in the current/last training
         self.last_progress: TrainProgress | None = None
 
         # data
@@ -585,9 +593,18 @@ class TrainWidget(QWidget):
             show_error(user_message(e))
             return None
         self._run = TrainRun(self.session, plan["segmenter"], plan["replace"], task)
+        plan["job"].save = self._run.save
+        if plan["job"].preview_region is not None:
+            # napari needs ~0.3 s of GUI time to create a Labels layer: do it now, on the click,
+            # not in the middle of the training (later previews only replace its data)
+            try:
+                _layers.ensure_preview(self.viewer, plan["pairs"][0][0])
+            except Exception:  # noqa: BLE001 - a preview is optional
+                logger.exception("napari-unet: could not create the preview layer")
         self._trained = [weakref.ref(im) for im, _ in plan["pairs"]]
         self._preview_image = weakref.ref(plan["pairs"][0][0])
         self.last_progress = None
+        self.previews_shown = 0
         task.worker.yielded.connect(self._on_yield)
         task.on_finished(self._on_train_finished)
         self.progress.setValue(0)
@@ -601,11 +618,19 @@ class TrainWidget(QWidget):
         """Stop the training at its next step; the model keeps the last completed step."""
         if self._run is not None and self.state.value == State.TRAINING:
             self.state.value = State.STOPPING
-            self._run.task.quit()
+            self._run.job.request_stop()  # the worker stops at its next yield, then saves
 
     def _on_yield(self, item: Any) -> None:
         if self._closed or self._run is None or self._run.task.detached:
             return
+        # one asynchronous repaint for all the changes below (see set_progress)
+        self.setUpdatesEnabled(False)
+        try:
+            self._show(item)
+        finally:
+            self.setUpdatesEnabled(True)
+
+    def _show(self, item: Any) -> None:
         if isinstance(item, TrainProgress):
             self.last_progress = item
             self.progress.setValue(int(round(1000 * item.fraction)))
@@ -623,6 +648,7 @@ class TrainWidget(QWidget):
             try:
                 image = self._preview_image() if self._preview_image is not None else None
                 _layers.write_preview(self.viewer, item.labels, image)
+                self.previews_shown += 1
             except Exception:  # noqa: BLE001 - a preview is optional
                 logger.exception("napari-unet: could not show the preview")
 
