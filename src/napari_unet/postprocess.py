@@ -15,7 +15,24 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-__all__ = ["instances_from_probabilities", "classes_from_probabilities"]
+__all__ = [
+    "instances_from_probabilities",
+    "classes_from_probabilities",
+    "link_to_previous",
+    "voxel_volume",
+]
+
+
+def voxel_volume(spacing: tuple[float, ...] | None, ndim: int) -> float:
+    """Volume of one voxel in units of an isotropic voxel at the in-plane (Y, X) resolution.
+
+    ``spacing`` is ``(Z, Y, X)`` (or ``(Y, X)``) physical sizes; 2D and ``None`` give 1. With
+    ``spacing=(4, 1, 1)`` one voxel is as big as four isotropic ones.
+    """
+    if spacing is None or ndim < 3:
+        return 1.0
+    sz, sy, sx = (float(v) for v in spacing[-3:])
+    return sz / float(np.sqrt(sy * sx))
 
 
 def _relabel_sizes(labels: np.ndarray, min_size: int, strip: int) -> int:
@@ -41,6 +58,7 @@ def instances_from_probabilities(
     strip: int = 1024,
     margin: int = 96,
     out: np.ndarray | None = None,
+    spacing: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """Instance labels from background / interior / boundary probabilities.
 
@@ -60,6 +78,10 @@ def instances_from_probabilities(
         Strip height (first spatial axis) and context for the bounded-memory watershed.
     out
         Optional int32 array ``(*S)`` to write into.
+    spacing
+        Physical voxel size ``(Z, Y, X)`` of a 3D input. ``min_size`` and ``min_seed_size`` are
+        then volumes in isotropic voxels at the Y/X resolution, so an object in a volume with
+        thick slices is not dropped for having few voxels (see :func:`voxel_volume`).
 
     Returns
     -------
@@ -76,6 +98,10 @@ def instances_from_probabilities(
     nd = len(spatial)
     min_size = (10 if nd == 2 else 40) if min_size is None else min_size
     min_seed_size = (3 if nd == 2 else 8) if min_seed_size is None else min_seed_size
+    vv = voxel_volume(spacing, nd)
+    if vv != 1.0:
+        min_size = int(np.ceil(min_size / vv))
+        min_seed_size = int(np.ceil(min_seed_size / vv))
     labels = np.zeros(spatial, np.int32) if out is None else out
     if labels.shape != spatial:
         raise ValueError(f"out has shape {labels.shape}, expected {spatial}")
@@ -114,3 +140,75 @@ def classes_from_probabilities(probabilities: np.ndarray, strip: int = 1024) -> 
     for s in range(0, out.shape[0], strip):
         out[s : s + strip] = np.argmax(prob[:, s : s + strip], axis=0)
     return out
+
+
+def link_to_previous(
+    previous: np.ndarray | None,
+    current: np.ndarray,
+    next_id: int,
+    *,
+    min_iou: float = 0.2,
+    strip: int = 1024,
+) -> tuple[np.ndarray, int]:
+    """Give the objects of a slice the ids of the objects they continue in the previous slice.
+
+    Objects of ``current`` (ids 1..N of one slice) are matched one to one with objects of
+    ``previous`` (the already final labels of the slice before) by overlap: pairs are taken
+    greedily by decreasing intersection-over-union, down to ``min_iou``. A matched object takes
+    the previous object's id, so a 3D object predicted slice by slice keeps one id; the others
+    get new ids ``next_id, next_id + 1, ...``.
+
+    Parameters
+    ----------
+    previous
+        int labels of the previous slice (any ids), or None for the first slice.
+    current
+        int labels of this slice, same shape.
+    next_id
+        The first unused id.
+    min_iou
+        Smallest intersection-over-union of a match.
+
+    Returns
+    -------
+    (np.ndarray, int)
+        int32 labels of ``current`` with final ids, and the next unused id.
+    """
+    n = int(current.max()) if current.size else 0
+    lut = np.zeros(n + 1, np.int64)
+    if n == 0:
+        return np.zeros(current.shape, np.int32), next_id
+    sizes = np.bincount(current.reshape(-1), minlength=n + 1)
+    present = np.flatnonzero(sizes)
+    present = present[present > 0]
+    if previous is not None and previous.shape != current.shape:
+        raise ValueError(f"previous slice has shape {previous.shape}, this one {current.shape}")
+    if previous is not None and previous.any():
+        cur = current.reshape(-1).astype(np.int64)
+        prev = previous.reshape(-1).astype(np.int64)
+        both = (cur > 0) & (prev > 0)
+        pids, pinv, psize = np.unique(prev, return_inverse=True, return_counts=True)
+        if both.any():
+            pair = cur[both] * len(pids) + pinv[both]
+            keys, inter = np.unique(pair, return_counts=True)
+            c, pi = keys // len(pids), keys % len(pids)
+            iou = inter / (sizes[c] + psize[pi] - inter)
+            used_c: set[int] = set()
+            used_p: set[int] = set()
+            for j in np.argsort(-iou, kind="stable"):
+                if iou[j] < min_iou:
+                    break
+                if c[j] in used_c or pi[j] in used_p:
+                    continue
+                used_c.add(int(c[j]))
+                used_p.add(int(pi[j]))
+                lut[c[j]] = pids[pi[j]]
+    fresh = present[lut[present] == 0]
+    lut[fresh] = np.arange(next_id, next_id + len(fresh))
+    if lut.max() > np.iinfo(np.int32).max:
+        raise ValueError("more than 2**31 objects: the labels do not fit in int32")
+    lut32 = lut.astype(np.int32)
+    out = np.empty(current.shape, np.int32)
+    for s in range(0, current.shape[0], strip):
+        out[s : s + strip] = lut32[current[s : s + strip]]
+    return out, next_id + len(fresh)

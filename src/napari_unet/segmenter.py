@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import logging
 import math
+import os
+import shutil
+import tempfile
 import time
+import warnings
 from collections.abc import Generator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,12 +29,18 @@ import torch
 from . import data, store
 from .metrics import instance_f1
 from .model import UNet
-from .postprocess import classes_from_probabilities, instances_from_probabilities
+from .postprocess import (
+    classes_from_probabilities,
+    instances_from_probabilities,
+    link_to_previous,
+)
 from .targets import IGNORE, instance_targets, semantic_targets
-from .tiling import plan_tiles, tiled_inference
+from .tiling import BlockCache, chunk_shape, plan_tiles, tiled_inference
 from .training import TrainProgress, TrainSample, thread_limit, train
 
-__all__ = ["Segmenter", "Prediction", "resolve_device"]
+__all__ = ["Segmenter", "Prediction", "resolve_device", "batch_for_memory"]
+
+logger = logging.getLogger(__name__)
 
 TASKS = ("instance", "semantic")
 _CANON = "TZCYX"
@@ -79,15 +90,24 @@ class Prediction:
     postprocess_seconds
         Wall time of the post-processing alone.
     device
-        The device that ran the network.
+        The device that ran the network (the last one, after any fallback).
+    notes
+        What happened that the user should know: out-of-memory retries with smaller batches
+        or tiles, a fall back to the CPU, blocks read more than once. Empty when all went to
+        plan; each note was also issued as a ``RuntimeWarning``.
+    scale
+        The ``scale`` given to :meth:`Segmenter.predict` (one value per axis of ``labels``),
+        or None.
     """
 
     probabilities: np.ndarray | None
-    labels: np.ndarray
+    labels: Any
     axes: str
     seconds: float
     postprocess_seconds: float
     device: str
+    notes: list[str] = field(default_factory=list)
+    scale: tuple[float, ...] | None = None
 
 
 def _now() -> str:
@@ -240,8 +260,8 @@ class Segmenter:
         )
 
     # ------------------------------------------------------------------ input handling
-    def _prepare(self, image: Any, axes: str | None, channel: int | None, name: str = "image"):
-        """Validate and put an image into canonical TZCYX order; returns (canon, axes, lo, hi)."""
+    def _canonical(self, image: Any, axes: str | None, channel: int | None, name: str = "image"):
+        """Validate and put an image into canonical TZCYX order; returns (canon, axes)."""
         if not hasattr(image, "shape") or not hasattr(image, "dtype"):
             image = np.asarray(image)
         if isinstance(image, np.ndarray):
@@ -252,7 +272,7 @@ class Segmenter:
             data.check_finite(image, name)
         if axes is None:
             axes = data.guess_axes(image.shape)
-        axes = data.validate_axes(axes, image.ndim)
+        axes = data.validate_axes(axes, image.ndim, tuple(image.shape))
         if self.ndim == 3 and "Z" not in axes:
             raise ValueError(
                 f"this is a 3D model but the {name} has no Z axis (axes {axes!r}); "
@@ -274,15 +294,27 @@ class Segmenter:
         small = [s for a, s in zip(_CANON, canon.shape, strict=True) if a in "YX" and s < 1]
         if small:
             raise ValueError(f"the {name} is empty (shape {tuple(image.shape)})")
+        return canon, axes
+
+    def _intensity_range(self, canon: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel normalisation range; lazy inputs are sampled by whole blocks."""
         norm = self.config.get("normalization", {})
+        low, high = norm.get("low", 1.0), norm.get("high", 99.8)
         lo, hi = [], []
-        for c in range(n_ch):
-            lo_c, hi_c = data.percentile_range(
-                canon[:, :, c], norm.get("low", 1.0), norm.get("high", 99.8)
-            )
+        for c in range(canon.shape[2]):
+            if isinstance(canon, BlockCache):
+                lo_c, hi_c = _block_sample_range(canon, c, low, high)
+            else:
+                lo_c, hi_c = data.percentile_range(canon[:, :, c], low, high)
             lo.append(lo_c)
             hi.append(hi_c)
-        return canon, axes, np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+        return np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+
+    def _prepare(self, image: Any, axes: str | None, channel: int | None, name: str = "image"):
+        """Validate and put an image into canonical TZCYX order; returns (canon, axes, lo, hi)."""
+        canon, axes = self._canonical(image, axes, channel, name)
+        lo, hi = self._intensity_range(canon)
+        return canon, axes, lo, hi
 
     # ------------------------------------------------------------------ prediction
     def _predictor(self, device: torch.device):
@@ -317,18 +349,34 @@ class Segmenter:
         Parameters
         ----------
         image
-            numpy array or lazy array (dask, zarr) of any real dtype.
+            numpy array or lazy array (dask, zarr) of any real dtype, or a list of frames of
+            one shape (stacked along a new leading T axis).
         axes
             Its axes, e.g. ``"YX"``, ``"ZYX"``, ``"TYX"``, ``"YXC"``, ``"CYX"``, ``"TZYX"``;
-            guessed for 2D/3D arrays when omitted (3D with 3 or 4 last = RGB, else ZYX).
+            guessed for 2D/3D arrays when omitted (3D with 3 or 4 last = RGB, else ZYX). For a
+            list of frames, the axes of one frame (``"T"`` is prepended) or of the stack.
         device
             ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
         tile_shape, overlap, batch_size
-            Tiling; defaults from the model's config.
+            Tiling; defaults from the model's config. Without ``batch_size`` it is chosen from
+            the free GPU memory on CUDA (2 on the CPU). On a GPU out-of-memory error the batch is
+            halved, then the tiles, then the CPU takes over; each step is recorded in
+            ``Prediction.notes`` and issued as a ``RuntimeWarning``.
         channel
             Use only this channel of a multichannel image (for a 1-channel model).
         return_probabilities
-            Keep the probability maps (default True).
+            Keep the probability maps (default: True, or False with ``labels_out``).
+        labels_out
+            Optional writable int array with the labels' shape (numpy, ``np.memmap``, zarr
+            array opened for writing). The image is then predicted plane by plane (2D model) or
+            volume by volume (3D model) and each result is written right away: neither the
+            image nor its probabilities are ever whole in memory. With a 2D model on a Z stack
+            the objects of consecutive slices are linked by overlap, so a 3D object keeps one
+            id; ids are unique over the whole array. ``Prediction.labels`` is ``labels_out``.
+        scale
+            Physical pixel size per axis of the input (e.g. a napari layer's ``scale``), with
+            or without an entry for the channel axis. Used by the 3D post-processing: minimum
+            object sizes are volumes in isotropic voxels at the Y/X resolution.
 
         Returns
         -------
@@ -351,8 +399,10 @@ class Segmenter:
         overlap: int | None = None,
         batch_size: int | None = None,
         channel: int | None = None,
-        return_probabilities: bool = True,
+        return_probabilities: bool | None = None,
         num_threads: int | None = None,
+        labels_out: Any = None,
+        scale: Sequence[float] | None = None,
     ) -> Generator[tuple[int, int], None, Prediction]:
         """Like :meth:`predict`, as a generator that yields ``(done, total)`` tile counts.
 
@@ -360,9 +410,21 @@ class Segmenter:
         The :class:`Prediction` is the generator's return value.
         """
         t0 = time.perf_counter()
-        canon, axes, lo, hi = self._prepare(image, axes, channel)
+        image, axes = _stack_frames(image, axes)
+        canon, axes = self._canonical(image, axes, channel)
+        keep = [a for a in axes if a != "C"]
+        out_shape = tuple(int(s) for a, s in zip(axes, image.shape, strict=True) if a != "C")
+        scale_keep, spacing = _scale(scale, axes, keep)
+        if labels_out is not None:
+            if return_probabilities:
+                raise ValueError(
+                    "return_probabilities=True and labels_out cannot go together: with "
+                    "labels_out the probabilities of the whole image are never kept"
+                )
+            _check_labels_out(labels_out, out_shape, self.task)
+        keep_probs = labels_out is None if return_probabilities is None else return_probabilities
         dev = resolve_device(device)
-        T, Z, _, Y, X = canon.shape
+        T, Z, C, Y, X = canon.shape
         k = self.net.out_channels
         nd = self.ndim
         tile = list(tile_shape) if tile_shape is not None else list(self.config["tile_shape"])
@@ -370,63 +432,125 @@ class Segmenter:
             raise ValueError(f"tile_shape {tuple(tile)} must have {nd} values for a {nd}D model")
         ov = self.config["overlap"] if overlap is None else overlap
         div = self.net.divisor
-        if batch_size is None:
-            batch_size = 8 if dev.type == "cuda" else 2
         spatial = (Y, X) if nd == 2 else (Z, Y, X)
         tile_eff = [min(t, _round_up(s, div)) for t, s in zip(tile, spatial, strict=True)]
-        # one tile along an axis needs no overlap; otherwise keep step >= divisor
-        ov_eff = tuple(
-            0 if t >= s else max(0, min(ov, t - div))
-            for t, s in zip(tile_eff, spatial, strict=True)
-        )
-        planes = T * Z if nd == 2 else T
-        per_plane = len(plan_tiles(spatial, tile_eff, ov_eff, div))
-        total = planes * per_plane + 1  # +1: post-processing
-
-        transform = _normalizer(lo, hi, channel_axis=0, ndim=nd + 1)
-        probs = np.zeros((k, T, Z, Y, X), np.float32)
-        fn = self._predictor(dev)
-        done = 0
-        with thread_limit(num_threads if dev.type == "cpu" else None):
-            for t in range(T):
-                for z in range(Z if nd == 2 else 1):
-                    if nd == 2:
-                        src, out = canon[t, z], probs[:, t, z]
-                    else:
-                        src, out = canon[t].transpose(1, 0, 2, 3), probs[:, t]
-                    gen = tiled_inference(
-                        fn,
-                        src,
-                        out_channels=k,
-                        tile_shape=tile_eff,
-                        overlap=ov_eff,
-                        batch_size=batch_size,
-                        divisor=div,
-                        transform=transform,
-                        out=out,
+        notes: list[str] = []
+        if labels_out is None:
+            _check_fits_in_memory(canon.shape, k, keep_probs, out_shape)
+        if not isinstance(canon, np.ndarray):
+            chunks = chunk_shape(canon)
+            if chunks is not None:
+                budget, enough = _cache_budget(canon, chunks, nd, tile_eff)
+                if not enough:
+                    notes.append(
+                        "the blocks of the image needed at once do not fit in the memory "
+                        "budget: some blocks are read more than once (rechunk the input with "
+                        "fewer planes per block)"
                     )
-                    try:
-                        for d, _ in gen:
-                            yield done + d, total
-                    finally:
-                        gen.close()
-                    done += per_plane
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        t1 = time.perf_counter()
-        labels = self._postprocess(probs)
-        yield total, total
-        t2 = time.perf_counter()
-        keep = [a for a in axes if a != "C"]
-        labels = _from_tz(labels, keep)
-        probs_out = _from_tz(probs, keep, leading=1) if return_probabilities else None
-        return Prediction(probs_out, labels, "".join(keep), t2 - t0, t2 - t1, str(dev))
+                canon = BlockCache(canon, budget, chunks)
+        lo, hi = self._intensity_range(canon)
+        if batch_size is None:
+            batch_size = self._auto_batch_size(dev, tile_eff)
+        elif int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        run = _Run(self, dev, int(batch_size), tile_eff, ov, notes)
+        planes = T * Z if nd == 2 else T
+        per_plane = len(plan_tiles(spatial, tile_eff, run.overlap(spatial), div))
+        total = planes * per_plane + 1  # +1: post-processing
+        transform = _normalizer(lo, hi, channel_axis=0, ndim=nd + 1)
 
-    def _postprocess(self, probs: np.ndarray) -> np.ndarray:
+        def source(t: int, z: int | None):
+            if nd == 2:
+                return canon[t, z] if isinstance(canon, np.ndarray) else _View(canon, (t, z))
+            if isinstance(canon, np.ndarray):
+                return canon[t].transpose(1, 0, 2, 3)
+            return _View(canon, (t,), order=(1, 0, 2, 3))
+
+        try:
+            with thread_limit(num_threads if dev.type == "cpu" else None):
+                if labels_out is None:
+                    probs = np.zeros((k, T, Z, Y, X), np.float32)
+                    done = 0
+                    for t in range(T):
+                        for z in range(Z if nd == 2 else 1):
+                            out = probs[:, t, z] if nd == 2 else probs[:, t]
+                            src = source(t, z if nd == 2 else None)
+                            for d in run.tiles(src, out, transform, spatial):
+                                yield done + int(d * per_plane), total
+                            done += per_plane
+                    _release(run.device)
+                    t1 = time.perf_counter()
+                    labels = self._postprocess(probs, spacing)
+                    yield total, total
+                    t2 = time.perf_counter()
+                    labels = _from_tz(labels, keep)
+                    probs_out = _from_tz(probs, keep, leading=1) if keep_probs else None
+                    pp_s = t2 - t1
+                else:
+                    pp_s = 0.0
+                    buf_shape = (Y, X) if nd == 2 else (Z, Y, X)
+                    with _Buffers(k, buf_shape) as (pbuf, lbuf):
+                        done, next_id = 0, 1
+                        for t in range(T):
+                            prev = None
+                            for z in range(Z) if nd == 2 else [None]:
+                                for d in run.tiles(source(t, z), pbuf, transform, spatial):
+                                    yield done + int(d * per_plane), total
+                                done += per_plane
+                                t1 = time.perf_counter()
+                                if self.task == "semantic":
+                                    final = classes_from_probabilities(pbuf)
+                                else:
+                                    self._instances(pbuf, lbuf, spacing)
+                                    final, next_id = link_to_previous(prev, lbuf, next_id)
+                                    prev = final if nd == 2 and Z > 1 else None
+                                _write_labels(labels_out, final, keep, t, z)
+                                pp_s += time.perf_counter() - t1
+                    _release(run.device)
+                    yield total, total
+                    labels, probs_out = labels_out, None
+        finally:
+            _release(run.device)
+        t2 = time.perf_counter()
+        return Prediction(
+            probs_out,
+            labels,
+            "".join(keep),
+            t2 - t0,
+            pp_s,
+            str(run.device),
+            notes,
+            scale_keep,
+        )
+
+    def _auto_batch_size(self, dev: torch.device, tile: Sequence[int]) -> int:
+        """Tiles per forward pass: from the free memory on CUDA, 2 on the CPU, 4 on MPS."""
+        if dev.type == "cuda":
+            try:
+                free, _ = torch.cuda.mem_get_info(dev)
+            except Exception:  # noqa: BLE001 - no usable CUDA runtime: a safe default
+                return 8
+            arch = self.config["architecture"]
+            return batch_for_memory(
+                free, tile, arch["base_channels"], self.in_channels, self.net.out_channels
+            )
+        return 4 if dev.type == "mps" else 2
+
+    def _instances(self, probs: np.ndarray, out: np.ndarray, spacing) -> np.ndarray:
+        pp = self.config.get("postprocess", {})
+        return instances_from_probabilities(
+            probs,
+            seed_threshold=pp.get("seed_threshold", 0.5),
+            foreground_threshold=pp.get("foreground_threshold", 0.5),
+            min_size=pp.get("min_size"),
+            out=out,
+            spacing=spacing if probs.ndim == 4 else None,
+        )
+
+    def _postprocess(self, probs: np.ndarray, spacing=None) -> np.ndarray:
         """(K, T, Z, Y, X) probabilities -> (T, Z, Y, X) int32 labels, ids unique over T."""
         _, T, Z, Y, X = probs.shape
         labels = np.zeros((T, Z, Y, X), np.int32)
-        pp = dict(self.config.get("postprocess", {}))
         offset = 0
         for t in range(T):
             if self.task == "semantic":
@@ -434,13 +558,7 @@ class Segmenter:
                 continue
             p = probs[:, t] if Z > 1 else probs[:, t, 0]
             out = labels[t] if Z > 1 else labels[t, 0]
-            instances_from_probabilities(
-                p,
-                seed_threshold=pp.get("seed_threshold", 0.5),
-                foreground_threshold=pp.get("foreground_threshold", 0.5),
-                min_size=pp.get("min_size"),
-                out=out,
-            )
+            self._instances(p, out, spacing)
             if offset:
                 lt = labels[t]
                 lt[lt > 0] += offset
@@ -682,3 +800,389 @@ def _from_tz(arr: np.ndarray, keep: list[str], leading: int = 0) -> np.ndarray:
     order = list(range(leading)) + [leading + present.index(a) for a in keep]
     out = np.transpose(out, order)
     return np.ascontiguousarray(out)
+
+
+# ---------------------------------------------------------------------- prediction helpers
+
+_MEMMAP_ABOVE = 1 << 30  # plane/volume buffers larger than this go to temporary files
+
+
+def batch_for_memory(
+    free_bytes: int,
+    tile_shape: Sequence[int],
+    base_channels: int,
+    in_channels: int = 1,
+    out_channels: int = 3,
+    max_batch: int = 32,
+) -> int:
+    """Tiles per forward pass that fit in half of ``free_bytes`` of device memory.
+
+    A conservative estimate of the activations of one tile: about ``12 * base_channels``
+    float32 feature maps at full resolution (the encoder's skip connections plus the working
+    maps of the widest level) and the input and output.
+    """
+    voxels = math.prod(int(t) for t in tile_shape)
+    per_tile = 4 * voxels * (in_channels + 2 * out_channels + 12 * base_channels)
+    return int(max(1, min(max_batch, (0.5 * free_bytes) // max(per_tile, 1))))
+
+
+def _is_oom(e: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    if isinstance(e, oom):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def _release(dev: torch.device) -> None:
+    """Give cached device memory back (the GPU is not left full after a run)."""
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    elif dev.type == "mps":
+        mps = getattr(torch, "mps", None)
+        if mps is not None and hasattr(mps, "empty_cache"):
+            mps.empty_cache()
+
+
+class _Run:
+    """Device, predictor and tiling of one prediction; degrades them on out-of-memory errors.
+
+    Order of retreat: half the batch (down to 1), then half the tiles (down to 128 pixels),
+    then the CPU. Every step is recorded in ``notes`` and issued as a ``RuntimeWarning``.
+    """
+
+    def __init__(self, seg: Segmenter, dev, batch: int, tile: list[int], overlap: int, notes):
+        self.seg = seg
+        self.device = dev
+        self.batch = batch
+        self.tile = list(tile)
+        self.tile0 = list(tile)
+        self.ov = overlap
+        self.notes = notes
+        self.div = seg.net.divisor
+        self.k = seg.net.out_channels
+        self.fn = seg._predictor(dev)
+
+    def overlap(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        # one tile along an axis needs no overlap; otherwise keep step >= divisor
+        return tuple(
+            0 if t >= s else max(0, min(self.ov, t - self.div))
+            for t, s in zip(self.tile, spatial, strict=True)
+        )
+
+    def tiles(self, src, out, transform, spatial) -> Generator[float, None, None]:
+        """Predict ``src`` into ``out``; yields the fraction of tiles done."""
+        while True:
+            gen = tiled_inference(
+                self.fn,
+                src,
+                out_channels=self.k,
+                tile_shape=self.tile,
+                overlap=self.overlap(spatial),
+                batch_size=self.batch,
+                divisor=self.div,
+                transform=transform,
+                out=out,
+            )
+            try:
+                for d, n in gen:
+                    yield d / n
+                return
+            except Exception as e:
+                if not _is_oom(e):
+                    raise
+                gen.close()
+                self._retreat(e)
+            finally:
+                gen.close()
+
+    def _retreat(self, error: BaseException) -> None:
+        dev = self.device
+        _release(dev)
+        where = f"out of memory on {dev}"
+        if self.batch > 1:
+            new = self.batch // 2
+            msg = f"{where} with {self.batch} tiles per batch: retrying with {new}"
+            self.batch = new
+        elif max(self.tile) >= 128:
+            axis = int(np.argmax(self.tile))
+            old = tuple(self.tile)
+            self.tile[axis] = _round_up(self.tile[axis] // 2, self.div)
+            msg = f"{where} with one {old} tile per batch: retrying with {tuple(self.tile)} tiles"
+        elif dev.type != "cpu":
+            cpu = torch.device("cpu")
+            msg = (
+                f"{where} even with one {tuple(self.tile)} tile per batch: continuing on the "
+                "CPU (slower); close other programs using the GPU or use a smaller model"
+            )
+            self.device, self.fn = cpu, self.seg._predictor(cpu)
+            self.batch, self.tile = 2, list(self.tile0)
+            _release(dev)
+        else:
+            raise MemoryError(
+                f"out of memory on the CPU even with one {tuple(self.tile)} tile per batch "
+                f"({error})"
+            ) from error
+        self.notes.append(msg)
+        logger.warning("napari-unet: %s", msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+class _View:
+    """``base[prefix]`` of a :class:`BlockCache`, axes permuted by ``order``, read lazily."""
+
+    def __init__(self, base: BlockCache, prefix: tuple[int, ...], order=None):
+        self.base, self.prefix, self.order = base, prefix, order
+        rest = base.shape[len(prefix) :]
+        self.shape = tuple(rest[i] for i in order) if order else tuple(rest)
+        self.dtype = base.dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        key = tuple(key) + (slice(None),) * (self.ndim - len(key))
+        if self.order is None:
+            return self.base[self.prefix + key]
+        base_key: list[Any] = [None] * self.ndim
+        for i, o in enumerate(self.order):
+            base_key[o] = key[i]
+        return self.base[self.prefix + tuple(base_key)].transpose(self.order)
+
+
+class _Buffers:
+    """Probability and label buffers of one plane/volume; temporary files when very large."""
+
+    def __init__(self, k: int, shape: tuple[int, ...]):
+        self.k, self.shape, self.dir = k, shape, None
+
+    def __enter__(self):
+        n = math.prod(self.shape)
+        if n * (4 * self.k + 4) <= _MEMMAP_ABOVE:
+            return np.zeros((self.k, *self.shape), np.float32), np.zeros(self.shape, np.int32)
+        self.dir = tempfile.mkdtemp(prefix="napari-unet-")
+        p = np.lib.format.open_memmap(
+            os.path.join(self.dir, "p.npy"), "w+", np.float32, (self.k, *self.shape)
+        )
+        lab = np.lib.format.open_memmap(os.path.join(self.dir, "l.npy"), "w+", np.int32, self.shape)
+        return p, lab
+
+    def __exit__(self, *exc) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _write_labels(out: Any, final: np.ndarray, keep: list[str], t: int, z: int | None) -> None:
+    """Write one plane (Y, X) or volume (Z, Y, X) of labels into ``out`` (axes ``keep``)."""
+    names = "YX" if final.ndim == 2 else "ZYX"
+    index: list[Any] = []
+    rest: list[str] = []
+    for a in keep:
+        if a == "T":
+            index.append(t)
+        elif a == "Z" and z is not None:
+            index.append(z)
+        else:
+            index.append(slice(None))
+            rest.append(a)
+    perm = [names.index(a) for a in rest]
+    if perm != sorted(perm):
+        final = final.transpose(perm)
+    out[tuple(index)] = final.astype(np.dtype(out.dtype), copy=False)
+
+
+def _check_labels_out(out: Any, shape: tuple[int, ...], task: str) -> None:
+    """``labels_out`` must be a writable integer array of the labels' shape (checked up front)."""
+    if type(out).__module__.split(".")[0] == "dask":
+        raise ValueError(
+            "labels_out is a dask array, which cannot be written into; give a numpy array, an "
+            "np.memmap or a zarr array opened for writing"
+        )
+    if not hasattr(out, "shape") or not hasattr(out, "__setitem__"):
+        raise ValueError(
+            f"labels_out must be a writable array (numpy, np.memmap, zarr), not {type(out)!r}"
+        )
+    store = getattr(out, "store", None)
+    if getattr(out, "read_only", False) or getattr(store, "read_only", False):
+        raise ValueError(
+            "labels_out is read-only (a zarr store opened with mode='r'?): open it with "
+            "mode='r+' or 'a', or create one with zarr.open_array(path, mode='w', "
+            f"shape={shape}, dtype='int32')"
+        )
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError("labels_out is a read-only numpy array; give a writable one")
+    if tuple(int(s) for s in out.shape) != tuple(shape):
+        raise ValueError(
+            f"labels_out has shape {tuple(out.shape)} but the labels of this image have shape "
+            f"{tuple(shape)} (the image's shape without its channel axis)"
+        )
+    dt = np.dtype(out.dtype)
+    if dt.kind not in "iu":
+        raise ValueError(f"labels_out has dtype {dt}; labels need an integer dtype (int32)")
+    if task == "instance" and dt.itemsize < 4:
+        raise ValueError(f"labels_out has dtype {dt}, too small for instance ids; use int32")
+
+
+def _available_memory() -> int | None:
+    """Bytes of RAM available to this process now (psutil, /proc/meminfo or sysconf)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - psutil is optional
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.1f} GB"
+
+
+def _check_fits_in_memory(
+    canon_shape: tuple[int, ...], k: int, keep_probs: bool, out_shape: tuple[int, ...]
+) -> None:
+    """Refuse an in-memory prediction whose probabilities and labels would not fit in RAM."""
+    T, Z, _, Y, X = canon_shape
+    voxels = T * Z * Y * X
+    # probabilities, labels, and the watershed's work arrays (elevation, markers, mask ...)
+    need = voxels * (4 * k + 4 + 24)
+    avail = _available_memory()
+    if avail is None or need <= 0.8 * avail:
+        return
+    raise ValueError(
+        f"predicting this image (labels shape {out_shape}) in memory needs about {_gb(need)} "
+        f"but only {_gb(avail)} are available; pass labels_out=... (e.g. a zarr array on disk: "
+        f"zarr.open_array('labels.zarr', mode='w', shape={out_shape}, dtype='int32', "
+        f"chunks=...)) to predict it plane by plane without holding the probabilities"
+    )
+
+
+def _cache_budget(canon: Any, chunks: tuple[int, ...], nd: int, tile: Sequence[int]):
+    """Bytes of blocks to cache so that each block of a lazy input is read once.
+
+    Returns ``(budget, enough)``; ``enough`` is False when the blocks needed at once exceed a
+    quarter of the available memory (the budget is then capped and some blocks are re-read).
+    """
+    T, Z, C, Y, X = canon.shape
+    ct, cz, cc, cy, cx = chunks
+    item = np.dtype(canon.dtype).itemsize
+    plane = _round_up(C, cc) * _round_up(Y, cy) * _round_up(X, cx) * item
+    if nd == 2:
+        if ct > 1 and T > 1:  # a block spans frames: keep whole frames of every plane
+            need = min(ct, T) * Z * plane
+        elif cz > 1 and Z > 1:  # a block spans slices: keep a slab of slices
+            need = min(cz, Z) * plane
+        else:  # one plane per block: keep a band of block rows under the tile rows
+            rows = min(_round_up(Y, cy), (math.ceil(tile[0] / cy) + 2) * cy)
+            need = plane * rows // _round_up(Y, cy)
+    else:
+        zs = min(_round_up(Z, cz), (math.ceil(tile[0] / cz) + 2) * cz)
+        need = min(ct, T) * zs * plane
+    need = int(need * 1.25) + 16 * math.prod(chunks) * item  # + the intensity sample
+    avail = _available_memory() or 8 * 2**30
+    cap = max(256 * 2**20, avail // 4)
+    if need > cap:
+        return cap, False
+    return max(need, 64 * 2**20), True
+
+
+def _block_sample_range(
+    cache: BlockCache, c: int, low: float, high: float, max_blocks: int = 16
+) -> tuple[float, float]:
+    """Percentile range of channel ``c`` from up to ``max_blocks`` whole blocks, evenly spread.
+
+    Reading whole blocks (through the cache the prediction then reads from) instead of a
+    strided sample keeps each block read once; a strided sample would touch every block.
+    """
+    if cache.dtype == np.bool_:
+        return 0.0, 1.0
+    ct, cz, cc, cy, cx = cache.chunks
+    T, Z, _, Y, X = cache.shape
+    grid = (math.ceil(T / ct), math.ceil(Z / cz), math.ceil(Y / cy), math.ceil(X / cx))
+    n = math.prod(grid)
+    picks = np.unique(np.linspace(0, n - 1, min(n, max_blocks)).round().astype(np.int64))
+    values = []
+    for f in picks:
+        t, z, y, x = (int(v) for v in np.unravel_index(int(f), grid))
+        key = (
+            slice(t * ct, (t + 1) * ct),
+            slice(z * cz, (z + 1) * cz),
+            c,
+            slice(y * cy, (y + 1) * cy),
+            slice(x * cx, (x + 1) * cx),
+        )
+        values.append(cache[key].reshape(-1))
+    sample = np.concatenate(values)
+    if sample.size > 2_000_000:
+        sample = sample[:: math.ceil(sample.size / 2_000_000)]
+    if sample.dtype.kind in "fc":
+        sample = sample[np.isfinite(sample)]
+        if sample.size == 0:
+            return 0.0, 0.0
+    lo, hi = np.percentile(sample, [low, high])
+    return float(lo), float(hi)
+
+
+def _stack_frames(image: Any, axes: str | None) -> tuple[Any, str | None]:
+    """A list of frames becomes one array with a new leading axis; frames must share a shape.
+
+    ``axes`` may name the axes of one frame (``"T"`` is then prepended) or of the stack.
+    """
+    if not isinstance(image, (list, tuple)) or not image:
+        return image, axes
+    if not all(hasattr(f, "shape") and hasattr(f, "dtype") for f in image):
+        return image, axes
+    shape0 = tuple(int(s) for s in image[0].shape)
+    for i, f in enumerate(image):
+        if tuple(int(s) for s in f.shape) != shape0:
+            raise ValueError(
+                f"frame {i} has shape {tuple(f.shape)} but frame 0 has shape {shape0}: all "
+                "frames of a time series must have the same shape (crop or pad them first)"
+            )
+    if axes is not None and len(axes.strip()) == len(shape0):
+        if "T" in axes.upper():
+            raise ValueError(
+                f"axes {axes!r} already have a T axis; a list of frames is stacked along a new "
+                "first axis (T): give the axes of one frame, e.g. 'YX'"
+            )
+        axes = "T" + axes.strip()
+    if all(isinstance(f, np.ndarray) for f in image):
+        return np.stack(image), axes
+    import dask.array as da
+
+    lazy = [
+        f
+        if type(f).__module__.split(".")[0] == "dask"
+        else da.from_array(f, chunks=chunk_shape(f) or "auto")
+        for f in image
+    ]
+    return da.stack(lazy), axes
+
+
+def _scale(scale: Sequence[float] | None, axes: str, keep: list[str]):
+    """Validate ``scale``; returns (scale per axis of the labels, (Z, Y, X) spacing) or Nones."""
+    if scale is None:
+        return None, None
+    try:
+        vals = [float(v) for v in scale]
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a sequence of numbers, got {scale!r}") from None
+    if len(vals) == len(axes) and len(axes) != len(keep):
+        vals = [v for a, v in zip(axes, vals, strict=True) if a != "C"]
+    if len(vals) != len(keep):
+        raise ValueError(
+            f"scale has {len(vals)} value(s) but the image has {len(keep)} axes "
+            f"{''.join(keep)!r} besides channels: give one physical size per axis, e.g. a "
+            "napari layer's scale"
+        )
+    if not all(math.isfinite(v) and v > 0 for v in vals):
+        raise ValueError(f"scale values must be positive and finite, got {tuple(vals)}")
+    d = dict(zip(keep, vals, strict=True))
+    return tuple(vals), (d.get("Z", 1.0), d["Y"], d["X"])
