@@ -312,3 +312,30 @@ def test_too_big_for_memory_suggests_labels_out(tiny, monkeypatch):
     out = np.zeros(img.shape, np.int32)
     pred = tiny.predict(img, axes="ZYX", device="cpu", labels_out=out)
     assert pred.labels is out
+
+
+def test_3d_and_semantic_models_stream_like_in_memory():
+    seg3 = nu.Segmenter.new(ndim=3, base_channels=4, depth=2, seed=0)
+    vol = np.stack([make_nuclei((12, 40, 40), seed=s)[0] for s in range(2)])
+    lazy = da.from_array(vol, chunks=(1, 6, 20, 20))
+    kw = dict(axes="TZYX", device="cpu", tile_shape=(8, 32, 32), overlap=4)
+    mem = seg3.predict(vol, **kw)
+    lazy_mem = seg3.predict(lazy, **kw)
+    np.testing.assert_allclose(lazy_mem.probabilities, mem.probabilities, atol=1e-3)
+    out = np.zeros(vol.shape, np.int32)
+    seg3.predict(lazy, labels_out=out, **kw)
+    assert (out > 0).sum() == (mem.labels > 0).sum()
+    sem = nu.Segmenter.new(task="semantic", num_classes=3, base_channels=4, depth=2, seed=0)
+    frames = np.stack([make_nuclei((48, 48), seed=s)[0] for s in range(2)])
+    out = _zarr(frames.shape, (1, 48, 48), dtype="uint8")
+    sem.predict(da.from_array(frames, chunks=(1, 24, 24)), axes="TYX", labels_out=out)
+    np.testing.assert_array_equal(out[...], sem.predict(frames, axes="TYX").labels)
+
+
+def test_plane_buffers_on_disk_for_huge_planes_give_the_same_labels(tiny, monkeypatch):
+    img = make_nuclei((96, 96), seed=6)[0]
+    ref = tiny.predict(img, device="cpu", tile_shape=(48, 48), overlap=16)
+    monkeypatch.setattr(seg_mod, "_MEMMAP_ABOVE", 0)  # every plane counts as huge
+    out = np.zeros(img.shape, np.int32)
+    tiny.predict(img, device="cpu", tile_shape=(48, 48), overlap=16, labels_out=out)
+    np.testing.assert_array_equal(out, ref.labels)

@@ -149,6 +149,7 @@ def link_to_previous(
     *,
     min_iou: float = 0.2,
     strip: int = 1024,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Give the objects of a slice the ids of the objects they continue in the previous slice.
 
@@ -168,6 +169,8 @@ def link_to_previous(
         The first unused id.
     min_iou
         Smallest intersection-over-union of a match.
+    out
+        Optional int32 array to write into (may be ``current`` itself).
 
     Returns
     -------
@@ -177,7 +180,10 @@ def link_to_previous(
     n = int(current.max()) if current.size else 0
     lut = np.zeros(n + 1, np.int64)
     if n == 0:
-        return np.zeros(current.shape, np.int32), next_id
+        if out is None:
+            return np.zeros(current.shape, np.int32), next_id
+        out[...] = 0
+        return out, next_id
     sizes = np.bincount(current.reshape(-1), minlength=n + 1)
     present = np.flatnonzero(sizes)
     present = present[present > 0]
@@ -208,7 +214,8 @@ def link_to_previous(
     if lut.max() > np.iinfo(np.int32).max:
         raise ValueError("more than 2**31 objects: the labels do not fit in int32")
     lut32 = lut.astype(np.int32)
-    out = np.empty(current.shape, np.int32)
+    if out is None:
+        out = np.empty(current.shape, np.int32)
     for s in range(0, current.shape[0], strip):
         out[s : s + strip] = lut32[current[s : s + strip]]
     return out, next_id + len(fresh)

@@ -502,8 +502,11 @@ class Segmenter:
                                     final = classes_from_probabilities(pbuf)
                                 else:
                                     self._instances(pbuf, lbuf, spacing)
-                                    final, next_id = link_to_previous(prev, lbuf, next_id)
-                                    prev = final if nd == 2 and Z > 1 else None
+                                    linking = nd == 2 and Z > 1
+                                    final, next_id = link_to_previous(
+                                        prev, lbuf, next_id, out=None if linking else lbuf
+                                    )
+                                    prev = final if linking else None
                                 _write_labels(labels_out, final, keep, t, z)
                                 pp_s += time.perf_counter() - t1
                     _release(run.device)
