@@ -287,6 +287,10 @@ class TrainWidget(QWidget):
         self._preview_image: weakref.ref | None = None
         self._closed = False
         self.previews_shown = 0  # previews drawn in the current/last training
+        self._status_timer = QTimer(self)
+        self._status_timer.setSingleShot(True)
+        self._status_timer.setInterval(150)
+        self._status_timer.timeout.connect(self._show_progress)
         self.last_progress: TrainProgress | None = None
 
         # data
@@ -623,16 +627,28 @@ class TrainWidget(QWidget):
     def _on_yield(self, item: Any) -> None:
         if self._closed or self._run is None or self._run.task.detached:
             return
-        # one asynchronous repaint for all the changes below (see set_progress)
+        if isinstance(item, TrainProgress):
+            # every step goes to the curve; the bar and the text at most every 150 ms
+            self.last_progress = item
+            self.curve.add(item)
+            if not self._status_timer.isActive():
+                self._status_timer.start()
+            return
+        if isinstance(item, Preview):
+            try:
+                image = self._preview_image() if self._preview_image is not None else None
+                _layers.write_preview(self.viewer, item.labels, image)
+                self.previews_shown += 1
+            except Exception:  # noqa: BLE001 - a preview is optional
+                logger.exception("napari-unet: could not show the preview")
+
+    def _show_progress(self) -> None:
+        item = self.last_progress
+        if self._closed or item is None or self.state.value != State.TRAINING:
+            return
+        # one asynchronous repaint for both changes (see set_progress)
         self.setUpdatesEnabled(False)
         try:
-            self._show(item)
-        finally:
-            self.setUpdatesEnabled(True)
-
-    def _show(self, item: Any) -> None:
-        if isinstance(item, TrainProgress):
-            self.last_progress = item
             self.progress.setValue(int(round(1000 * item.fraction)))
             text = (
                 f"step {item.step}  loss {item.loss:.4f}  {item.patches_per_s:.1f} patches/s"
@@ -641,16 +657,9 @@ class TrainWidget(QWidget):
             )
             if item.val_f1 is not None:
                 text += f"  val F1 {item.val_f1:.3f}"
-            if self.state.value == State.TRAINING:
-                self.status_label.setText(text)
-            self.curve.add(item)
-        elif isinstance(item, Preview):
-            try:
-                image = self._preview_image() if self._preview_image is not None else None
-                _layers.write_preview(self.viewer, item.labels, image)
-                self.previews_shown += 1
-            except Exception:  # noqa: BLE001 - a preview is optional
-                logger.exception("napari-unet: could not show the preview")
+            self.status_label.setText(text)
+        finally:
+            self.setUpdatesEnabled(True)
 
     def _on_dims(self, event=None) -> None:
         run = self._run
