@@ -440,7 +440,12 @@ def start_prediction(
         if isinstance(result, Failure):
             on_error(result.message)
             return
+        from napari.utils.notifications import show_warning
+
         layers = []
+        for _, pred in result:
+            for note in getattr(pred, "notes", None) or []:
+                show_warning(note)  # e.g. out of GPU memory: smaller batches, or the CPU
         try:
             for req, pred in result:
                 layers.append(

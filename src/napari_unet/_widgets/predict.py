@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
 from . import _layers
 from ._session import session_for
 from ._workers import ShutdownHook, Task, start_prediction, user_message
+from .suggest import SuggestPanel
 
 if TYPE_CHECKING:
     import napari
@@ -89,6 +90,16 @@ class PredictWidget(QWidget):
         layout.addWidget(self.probs_check)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
+        self.suggest = SuggestPanel(
+            self.viewer,
+            self.session,
+            self.image_combo,
+            self.scope_combo,
+            self.device_combo,
+            self.progress,
+            on_change=self._update_buttons,
+        )
+        layout.addWidget(self.suggest)
         layout.addStretch(1)
 
         self.predict_button.clicked.connect(self.predict)
@@ -106,8 +117,10 @@ class PredictWidget(QWidget):
     def _update_buttons(self) -> None:
         if self._closed:
             return
-        self.predict_button.setEnabled(not self.running)
-        self.cancel_button.setEnabled(self.running)
+        busy = self.suggest.running
+        self.predict_button.setEnabled(not self.running and not busy)
+        self.cancel_button.setEnabled(self.running or busy)
+        self.suggest.run_button.setEnabled(not self.running and not busy)
 
     def _on_model_changed(self, *_) -> None:
         if self._closed:
@@ -162,6 +175,7 @@ class PredictWidget(QWidget):
         """Stop the running prediction; no layer is changed."""
         if self._task is not None:
             self._task.quit()
+        self.suggest.cancel()
 
     def _on_finished(self) -> None:
         task, self._task = self._task, None
@@ -178,6 +192,7 @@ class PredictWidget(QWidget):
         task, self._task = self._task, None
         if task is not None:
             task.stop(timeout=10.0)
+        self.suggest.shutdown()
         try:
             self.session.model_changed.disconnect(self._on_model_changed)
         except Exception:  # noqa: BLE001 - already disconnected
