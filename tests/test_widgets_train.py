@@ -252,3 +252,51 @@ def test_viewer_close_while_training_stops_and_saves(setup, qtbot, messages):
     pool = QThreadPool.globalInstance()
     qtbot.waitUntil(lambda: pool.activeThreadCount() == 0, timeout=2_000)
     assert session.registry.versions("tiny")
+
+
+def test_stack_trains_on_the_corrected_slices_only(setup, qtbot, messages):
+    """Predict a Z stack, correct one slice, train: only that slice reaches the loss."""
+    from napari_unet._widgets._workers import start_prediction
+
+    viewer, w, session = setup
+    stack, truth = zip(*(make_nuclei((48, 48), seed=s) for s in (20, 21, 22)), strict=True)
+    stack, truth = np.stack(stack), np.stack(truth)
+    img = viewer.add_image(stack, name="stack")
+    viewer.dims.ndisplay = 2
+    seg = session.segmenter
+    req = _layers.make_request(viewer, img, seg, _layers.SCOPES[0])
+    task = start_prediction(viewer, seg, [req], device="cpu", on_error=messages["error"].append)
+    qtbot.waitUntil(lambda: task.done, timeout=20_000)
+    qtbot.waitUntil(lambda: _layers.find_own_layer(viewer, "stack") is not None, timeout=20_000)
+    pred = _layers.find_own_layer(viewer, "stack")
+    assert pred.data.shape == stack.shape  # labels keep the layer's full shape
+
+    w.image_combo.set_value(img)
+    w.labels_combo.set_value(pred)
+    w.shapes_combo.set_value(None)
+    # nothing corrected yet: refused with a plain message
+    assert w.train() is None
+    assert "no slice" in messages["error"][-1], messages
+
+    # the user corrects slice 1 (paints the truth there)
+    data = np.array(pred.data)
+    data[1] = truth[1]
+    pred.data = data
+    task = train_steps(qtbot, w, steps=2)
+    assert w.state.value == State.DONE, messages
+    (mask,) = task.job.masks
+    assert mask.shape == stack.shape
+    assert mask[1].all() and not mask[0].any() and not mask[2].any()
+    assert any("1 of 3 slices" in m for m in messages["info"]), messages["info"]
+    # the layer became the user's, and training did not change it
+    assert pred.name == "stack [corrected]"
+    np.testing.assert_array_equal(pred.data[1], truth[1])
+
+    # a stack the user labelled by hand: the slices holding labels are the trusted ones
+    own = np.zeros_like(truth)
+    own[2] = truth[2]
+    w.labels_combo.set_value(viewer.add_labels(own, name="hand"))
+    task = train_steps(qtbot, w, steps=2)
+    assert w.state.value == State.DONE, messages
+    (mask,) = task.job.masks
+    assert mask[2].all() and not mask[:2].any()

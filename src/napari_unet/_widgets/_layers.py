@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from ..segmenter import Prediction, Segmenter
 
 __all__ = [
+    "edited_planes",
+    "planes_mask",
     "LayerError",
     "LayerCombo",
     "PLUGIN_KEY",
@@ -467,6 +469,31 @@ def adopt_layer(layer: Labels) -> bool:
     layer.metadata = {**md, PLUGIN_KEY: False, "adopted_from": "napari-unet prediction"}
     layer.name = f"{src} [corrected]"
     return True
+
+
+# ----------------------------------------------------------------------------- edited planes
+def edited_planes(labels: np.ndarray, reference: np.ndarray | None, plane_ndim: int = 2):
+    """Which planes of a stack the user corrected: a bool array over the leading axes.
+
+    ``reference`` is what the plugin predicted into the layer (see
+    :meth:`Session.prediction_snapshot`); without one (a layer the user made) a plane counts as
+    annotated when it holds any label. ``plane_ndim`` is 2 for a 2D model (YX planes of ZYX,
+    TYX, TZYX) and 3 for a 3D model (ZYX volumes of TZYX).
+    """
+    labels = np.asarray(labels)
+    lead = labels.ndim - plane_ndim
+    if lead < 1:
+        raise LayerError("edited planes need a stack (Z or T axes before the plane)")
+    axes = tuple(range(lead, labels.ndim))
+    if reference is None or tuple(reference.shape) != tuple(labels.shape):
+        return np.any(labels != 0, axis=axes)
+    return np.any(labels != reference, axis=axes)
+
+
+def planes_mask(edited: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A training mask of ``shape``: whole planes where ``edited`` is True."""
+    lead = edited.ndim
+    return np.broadcast_to(edited.reshape(edited.shape + (1,) * (len(shape) - lead)), shape).copy()
 
 
 # ----------------------------------------------------------------------------- shapes -> mask

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from psygnal import Signal
 
@@ -39,6 +39,8 @@ class Session:
         self.model_name: str = "untitled"
         # one training at a time per viewer; widgets acquire it without blocking
         self.training_lock = threading.Lock()
+        # id(layer) -> (weak ref to the layer, copy of the labels the plugin wrote into it)
+        self._snapshots: dict[int, tuple[weakref.ref, Any]] = {}
 
     @property
     def segmenter(self) -> Segmenter:
@@ -58,6 +60,23 @@ class Session:
             self.model_name = name
             segmenter.config["name"] = name
         self.model_changed.emit(segmenter)
+
+    def remember_prediction(self, layer, labels) -> None:
+        """Keep a copy of what the plugin wrote into ``layer``, to find the user's edits later.
+
+        Held by the layer's id next to a weak reference to the layer: a removed layer frees it.
+        """
+        import numpy as np
+
+        self._snapshots = {k: v for k, v in self._snapshots.items() if v[0]() is not None}
+        self._snapshots[id(layer)] = (weakref.ref(layer), np.array(labels, copy=True))
+
+    def prediction_snapshot(self, layer):
+        """What the plugin last wrote into ``layer`` (None when it did not write it)."""
+        entry = self._snapshots.get(id(layer))
+        if entry is None or entry[0]() is not layer:
+            return None
+        return entry[1]
 
     def notify_trained(self) -> None:
         """Tell listeners that the current model's weights changed."""

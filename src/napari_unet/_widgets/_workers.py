@@ -442,15 +442,19 @@ def start_prediction(
             return
         from napari.utils.notifications import show_warning
 
+        from ._session import session_for
+
         layers = []
         for _, pred in result:
             for note in getattr(pred, "notes", None) or []:
                 show_warning(note)  # e.g. out of GPU memory: smaller batches, or the CPU
         try:
             for req, pred in result:
-                layers.append(
-                    _layers.write_prediction(viewer, req, pred, task_name, classes, probabilities)
+                layer = _layers.write_prediction(
+                    viewer, req, pred, task_name, classes, probabilities
                 )
+                session_for(viewer).remember_prediction(layer, layer.data)
+                layers.append(layer)
         except Exception as e:  # noqa: BLE001 - shown, never raised into Qt
             logger.exception("napari-unet: could not write the prediction layers")
             on_error(f"could not write the prediction layers: {user_message(e)}")

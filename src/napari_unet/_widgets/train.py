@@ -335,6 +335,13 @@ class TrainWidget(QWidget):
         self.from_current_check = QCheckBox("start from the current model")
         self.from_current_check.setChecked(True)
         self.val_check = QCheckBox("hold out 10% for validation")
+        self.edited_check = QCheckBox("stacks: only the slices/frames I corrected")
+        self.edited_check.setChecked(True)
+        self.edited_check.setToolTip(
+            "for a Z stack or a time series, train on the slices (frames) you changed since the "
+            "plugin's prediction (or, in a layer you made, the slices holding labels); the "
+            "others are ignored by the loss"
+        )
         self.preview_spin = QDoubleSpinBox()
         self.preview_spin.setRange(0, 3600)
         self.preview_spin.setDecimals(1)
@@ -353,6 +360,7 @@ class TrainWidget(QWidget):
         opts.addRow("Learning rate", self.lr_edit)
         opts.addRow(self.from_current_check)
         opts.addRow(self.val_check)
+        opts.addRow(self.edited_check)
         opts.addRow("Preview every", self.preview_spin)
         opts.addRow("CPU threads", self.threads_spin)
         opts.addRow("Device", self.device_combo)
@@ -534,6 +542,11 @@ class TrainWidget(QWidget):
         shapes = self.shapes_combo.value()
         if shapes is not None:
             masks = [_layers.shapes_to_mask(shapes, labels) for _, labels in pairs]
+        elif self.edited_check.isChecked():
+            masks, parts = self._edited_masks(pairs, seg.ndim)
+            if parts:
+                done = "; ".join(parts)
+                note = f"{note}; {done}" if note else done
         # copies: training reads these, the user may keep painting
         images = [np.array(_layers.image_array(im)) for im, _ in pairs]
         labels = [np.array(lab.data) for _, lab in pairs]
@@ -560,6 +573,34 @@ class TrainWidget(QWidget):
                 **opts,
             ),
         }
+
+    def _edited_masks(self, pairs, model_ndim: int) -> tuple[list | None, list[str]]:
+        """Masks of whole corrected planes for the stacks among ``pairs`` (None for 2D)."""
+        masks: list = []
+        parts: list[str] = []
+        for _, labels in pairs:
+            data = np.asarray(labels.data)
+            if data.ndim <= model_ndim:
+                masks.append(None)
+                continue
+            ref = self.session.prediction_snapshot(labels)
+            edited = _layers.edited_planes(data, ref, model_ndim)
+            if not edited.any():
+                what = "changed since the prediction" if ref is not None else "with labels"
+                raise _layers.LayerError(
+                    f"no slice or frame of {labels.name!r} is {what}: correct at least one "
+                    "slice, or untick 'only the slices/frames I corrected' to train on all"
+                )
+            idx = [", ".join(map(str, i)) for i in np.argwhere(edited)[:8]]
+            more = " ..." if edited.sum() > 8 else ""
+            parts.append(
+                f"training on {int(edited.sum())} of {edited.size} slices/frames of "
+                f"{labels.name!r} ({'; '.join(idx)}{more}); the others are ignored"
+            )
+            masks.append(_layers.planes_mask(edited, data.shape))
+        if all(m is None for m in masks):
+            return None, []
+        return masks, parts
 
     def train(self) -> Task | None:
         """Start training; returns the task (None when refused)."""
