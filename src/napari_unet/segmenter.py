@@ -527,7 +527,8 @@ class Segmenter:
         )
 
     def _auto_batch_size(self, dev: torch.device, tile: Sequence[int]) -> int:
-        """Tiles per forward pass: from the free memory on CUDA, 2 on the CPU, 4 on MPS."""
+        """Tiles per forward pass: from the free memory on CUDA, 4 on MPS; on the CPU 2, or 1
+        for tiles over 512x512 pixels (batching does not speed up the CPU, it costs memory)."""
         if dev.type == "cuda":
             try:
                 free, _ = torch.cuda.mem_get_info(dev)
@@ -537,7 +538,9 @@ class Segmenter:
             return batch_for_memory(
                 free, tile, arch["base_channels"], self.in_channels, self.net.out_channels
             )
-        return 4 if dev.type == "mps" else 2
+        if dev.type == "mps":
+            return 4
+        return 2 if math.prod(tile) <= 512 * 512 else 1
 
     def _instances(self, probs: np.ndarray, out: np.ndarray, spacing) -> np.ndarray:
         pp = self.config.get("postprocess", {})
