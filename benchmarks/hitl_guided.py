@@ -128,6 +128,36 @@ def run(seg, image, truth, test, order: str, rounds, budget, seconds, threads) -
     return rows
 
 
+def plot(rows: list[dict], domains: list[str], seconds: float, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axs = plt.subplots(1, len(domains), figsize=(5 * len(domains), 3.8), dpi=120)
+    for ax, name in zip(np.atleast_1d(axs), domains, strict=True):
+        for order, style in (("reading", "s--"), ("guided", "o-")):
+            rs = [r for r in rows if r["domain"] == name and r["order"] == order]
+            ax.plot([r["objects"] for r in rs], [r["f1"] for r in rs], style, label=order)
+        ax.set_title(f"domain '{name}'")
+        ax.set_xlabel("objects corrected (cumulative)")
+        ax.set_ylabel("F1 @ IoU 0.5, held-out images")
+        ax.set_ylim(0.5, 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle(
+        f"Uncertainty-guided vs. reading order: starter model, {seconds:.0f} s "
+        "fine-tuning per round (CPU)"
+    )
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    print("wrote", path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4)
@@ -175,32 +205,7 @@ def main() -> None:
             f"{r['pixels']:.1f} | {r['f1']:.3f} | {r['ap']:.3f} | {r['s']:.1f} |"
         )
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig, axs = plt.subplots(1, len(args.domains), figsize=(5 * len(args.domains), 3.8), dpi=120)
-    for ax, name in zip(np.atleast_1d(axs), args.domains, strict=True):
-        for order, style in (("reading", "s--"), ("guided", "o-")):
-            rs = [r for r in rows if r["domain"] == name and r["order"] == order]
-            ax.plot([r["objects"] for r in rs], [r["f1"] for r in rs], style, label=order)
-        ax.set_title(f"domain '{name}'")
-        ax.set_xlabel("objects corrected (cumulative)")
-        ax.set_ylabel("F1 @ IoU 0.5, held-out images")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.suptitle(
-        f"Uncertainty-guided vs. reading order: starter model, {args.seconds:.0f} s "
-        "fine-tuning per round (CPU)"
-    )
-    fig.tight_layout()
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot)
-    print("wrote", args.plot)
+    plot(rows, args.domains, args.seconds, args.plot)
 
 
 if __name__ == "__main__":
