@@ -26,6 +26,7 @@ _SUBMODULES = {
     "segmenter",
     "store",
     "metrics",
+    "uncertainty",
     "data",
     "cli",
 }

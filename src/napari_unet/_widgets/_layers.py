@@ -240,6 +240,7 @@ class PredictRequest:
     scale: tuple[float, ...]
     translate: tuple[float, ...]
     notes: list[str] = field(default_factory=list)
+    data_scale: tuple[float, ...] | None = None  # physical size of each spatial axis of data
 
 
 def make_request(
@@ -253,9 +254,13 @@ def make_request(
     region = plan_region(layer, viewer, scope, segmenter.ndim, corners)
     channel, note = model_channel(layer, segmenter)
     data = region.crop(image_array(layer), getattr(layer, "rgb", False))
+    # physical sizes of the cropped array's spatial axes (anisotropic voxels: layer.scale)
+    kept = [d for d, i in enumerate(region.index) if isinstance(i, slice)]
+    data_scale = tuple(float(layer.scale[d]) for d in kept)
     return PredictRequest(
         source=layer.name,
         data=data,
+        data_scale=data_scale,
         axes=region.axes,
         channel=channel,
         region=region,

@@ -179,6 +179,7 @@ class PredictJob(Job):
                     channel=req.channel,
                     return_probabilities=self.probabilities,
                     num_threads=self.num_threads,
+                    scale=req.data_scale,
                 )
                 pred = yield from self._drive(
                     _relay(gen, lambda d, t, i=i: PredictProgress(i, n, d, t))
