@@ -231,3 +231,49 @@ def test_compact_labels_keeps_every_id():
     big = np.array([[0, 70_000]], np.int64)
     out = _layers.compact_labels(big)  # ids past uint16 stay exact
     assert out.dtype == np.int32 and out[0, 1] == 70_000
+
+
+def test_field_of_view_of_big_and_multiscale_layers(make_widget, qtbot, monkeypatch, messages):
+    """Big layers: the view goes to its own positioned layer, at the resolution napari shows."""
+    viewer, w = make_widget()
+    image, _ = make_nuclei((128, 128), seed=3)
+    view = np.array([[32.0, 16.0], [95.0, 79.0]])  # world = data here (scale 1, no translate)
+    monkeypatch.setattr(_layers, "visible_world_corners", lambda v: view)
+    w.scope_combo.setCurrentText("current field of view")
+
+    # a layer "too big" for a full-size labels layer (threshold lowered for the test)
+    monkeypatch.setattr(_layers, "BIG_LAYER_PIXELS", 100 * 100)
+    big = viewer.add_image(image, name="big")
+    w.image_combo.set_value(big)
+    run(qtbot, w)
+    assert not messages["error"], messages
+    out = viewer.layers["big [unet view]"]
+    assert _layers.find_own_layer(viewer, "big") is None  # no 128x128 full-size layer
+    assert out.data.shape == (64, 64) and out.data.any()
+    np.testing.assert_allclose(out.translate, (32, 16))
+    np.testing.assert_allclose(out.scale, (1, 1))
+
+    # a multiscale layer shown at level 1: predicted at half resolution, placed over the image
+    pyramid = [image, image[::2, ::2]]
+    ms = viewer.add_image(pyramid, multiscale=True, name="ms", scale=(0.5, 0.5))
+    ms.locked_data_level = 1
+    assert ms.data_level == 1
+    w.image_combo.set_value(ms)
+    run(qtbot, w)
+    assert not messages["error"], messages
+    out = viewer.layers["ms [unet view]"]
+    # world rows 32..95, cols 16..79 -> level-0 data x2 -> level-1 pixels rows 32..63 (the
+    # image ends there), cols 16..63
+    assert out.data.shape == (32, 48) and out.data.any()
+    np.testing.assert_allclose(out.scale, (1.0, 1.0))  # 0.5 x 2
+    # level-1 pixel 32 is level-0 pixels 64-65: its centre is at world 0.5 * 64.5
+    np.testing.assert_allclose(out.translate, (32.25, 16.25))
+    lo = np.asarray(out.translate)
+    hi = lo + np.asarray(out.scale) * (np.asarray(out.data.shape) - 1)
+    assert np.all(lo >= view[0] - 1.0) and np.all(hi <= view[1] + 1.0), (lo, hi)
+
+    # a view too large to predict at once: a plain message
+    monkeypatch.setattr(_layers, "MAX_VIEW_PIXELS", 50 * 50)
+    w.image_combo.set_value(big)
+    assert w.predict() is None
+    assert "zoom in" in messages["error"][-1]

@@ -139,6 +139,9 @@ class Region:
     index: tuple
     axes: str
     full_shape: tuple[int, ...]
+    level: int = 0  # multiscale level the index refers to (0 = full resolution)
+    factor: tuple[float, ...] | None = None  # level-0 pixels per level pixel, per spatial axis
+    view: bool = False  # a field of view written as its own positioned layer (big layers)
 
     @property
     def is_whole(self) -> bool:
@@ -150,6 +153,11 @@ class Region:
     def crop(self, array: Any, rgb: bool) -> Any:
         key = self.index + ((slice(None),) if rgb else ())
         return array[key]
+
+    def crop_layer(self, layer: Layer) -> Any:
+        """This region of the layer's data (of level :attr:`level` when multiscale)."""
+        data = layer.data[self.level] if getattr(layer, "multiscale", False) else layer.data
+        return self.crop(data, getattr(layer, "rgb", False))
 
 
 def current_data_index(layer: Layer, viewer: napari.Viewer) -> tuple[int, ...]:
@@ -214,17 +222,54 @@ def plan_region(
             corners = visible_world_corners(viewer)
         data_corners = np.array([layer.world_to_data(c) for c in corners], dtype=float)
         yx = data_corners[:, -2:]
-        lo = np.floor(yx.min(axis=0)).astype(int)
-        hi = np.ceil(yx.max(axis=0)).astype(int) + 1
+        level, factor, lshape = _view_level(layer, shape)
+        lo = np.floor(yx.min(axis=0) / factor[-2:]).astype(int)
+        hi = np.ceil(yx.max(axis=0) / factor[-2:]).astype(int) + 1
         for k, d in enumerate((len(shape) - 2, len(shape) - 1)):
-            a, b = int(np.clip(lo[k], 0, shape[d])), int(np.clip(hi[k], 0, shape[d]))
+            a, b = int(np.clip(lo[k], 0, lshape[d])), int(np.clip(hi[k], 0, lshape[d]))
             if b - a < 1:
                 raise LayerError(f"{layer.name!r} is not in the field of view")
             index[d] = slice(a, b)
+        if level > 0:  # the other axes of a coarser level
+            for d in range(len(shape) - 2):
+                if not isinstance(index[d], slice):
+                    index[d] = min(int(index[d] / factor[d]), lshape[d] - 1)
+        view = level > 0 or int(np.prod(shape)) > BIG_LAYER_PIXELS
+        if view:
+            npx = (index[-2].stop - index[-2].start) * (index[-1].stop - index[-1].start)
+            if npx > MAX_VIEW_PIXELS:
+                raise LayerError(
+                    f"the field of view covers {npx / 1e6:.0f} megapixels of {layer.name!r} "
+                    f"at this scale (at most {MAX_VIEW_PIXELS / 1e6:.0f}): zoom in, or predict "
+                    "the whole layer"
+                )
+        kept = "".join(a for d, a in enumerate(spatial_axes) if isinstance(index[d], slice))
+        if "C" in axes:
+            kept += "C"
+        return Region(tuple(index), kept, lshape, level, tuple(factor), view)
     kept = "".join(a for d, a in enumerate(spatial_axes) if isinstance(index[d], slice))
     if "C" in axes:
         kept += "C"
     return Region(tuple(index), kept, shape)
+
+
+#: A field of view of a layer with more pixels than this goes to its own positioned layer
+#: (``"<image> [unet view]"``) instead of a full-size labels layer (which would not fit).
+BIG_LAYER_PIXELS = 8192 * 8192
+#: The largest field of view predicted at once (pixels, at the level shown).
+MAX_VIEW_PIXELS = 4096 * 4096
+
+
+def _view_level(layer: Layer, shape: tuple[int, ...]):
+    """(level napari shows, level-0 pixels per level pixel, level shape) for a field of view."""
+    if not getattr(layer, "multiscale", False):
+        return 0, np.ones(len(shape)), shape
+    level = int(getattr(layer, "data_level", 0) or 0)
+    lshape = tuple(int(s) for s in np.shape(layer.data[level]))
+    if getattr(layer, "rgb", False):
+        lshape = lshape[:-1]
+    factor = np.asarray(shape, float) / np.maximum(np.asarray(lshape, float), 1.0)
+    return level, factor, lshape
 
 
 # ----------------------------------------------------------------------------- requests
@@ -253,10 +298,28 @@ def make_request(
     """Read ``layer`` for a prediction of ``scope``; raises :class:`LayerError` on bad input."""
     region = plan_region(layer, viewer, scope, segmenter.ndim, corners)
     channel, note = model_channel(layer, segmenter)
-    data = region.crop(image_array(layer), getattr(layer, "rgb", False))
+    data = region.crop_layer(layer)
+    factor = np.asarray(region.factor if region.factor is not None else [1.0] * len(region.index))
     # physical sizes of the cropped array's spatial axes (anisotropic voxels: layer.scale)
     kept = [d for d, i in enumerate(region.index) if isinstance(i, slice)]
-    data_scale = tuple(float(layer.scale[d]) for d in kept)
+    data_scale = tuple(float(layer.scale[d] * factor[d]) for d in kept)
+    scale = tuple(float(s) for s in layer.scale)
+    translate = tuple(float(t) for t in layer.translate)
+    notes = [note] if note else []
+    if region.view:
+        # the labels of the view alone, placed over the image: YX of the level shown
+        scale = data_scale[-2:]
+        origin = [region.index[d].start for d in (-2, -1)]
+        # level pixel j covers level-0 pixels [j f, (j + 1) f): its centre is at j f + (f - 1) / 2
+        translate = tuple(
+            float(layer.translate[d] + layer.scale[d] * (factor[d] * (o + 0.5) - 0.5))
+            for d, o in zip((-2, -1), origin, strict=True)
+        )
+        what = f"level {region.level} (1/{factor[-1]:.0f} resolution)" if region.level else "full"
+        notes.append(
+            f"{layer.name!r} is large: the field of view goes to its own layer "
+            f"{layer.name + ' [unet view]'!r}, predicted at {what}"
+        )
     return PredictRequest(
         source=layer.name,
         data=data,
@@ -264,9 +327,9 @@ def make_request(
         axes=region.axes,
         channel=channel,
         region=region,
-        scale=tuple(float(s) for s in layer.scale),
-        translate=tuple(float(t) for t in layer.translate),
-        notes=[note] if note else [],
+        scale=scale,
+        translate=translate,
+        notes=notes,
     )
 
 
@@ -286,7 +349,7 @@ def find_own_layer(
     """The plugin's output layer for image ``source`` (never a layer the user made)."""
     from napari.layers import Image, Labels
 
-    want = Labels if kind == "labels" else Image
+    want = Labels if kind in ("labels", "view") else Image
     for layer in viewer.layers:
         if isinstance(layer, want) and _is_own(layer, source, kind, klass):
             return layer
@@ -369,6 +432,18 @@ def write_prediction(
     """
     src = request.source
     region = request.region
+    if region.view:
+        own = find_own_layer(viewer, src, "view")
+        return _put_layer(
+            viewer,
+            "labels",
+            compact_labels(prediction.labels),
+            f"{src} [unet view]",
+            {PLUGIN_KEY: True, "source": src, "kind": "view"},
+            request.scale,
+            request.translate,
+            own,
+        )
     own = find_own_layer(viewer, src, "labels")
     labels = _merge(
         None if own is None else np.asarray(own.data),

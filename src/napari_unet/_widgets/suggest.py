@@ -88,7 +88,10 @@ class SuggestJob(Job):
                 num_threads=self.num_threads,
             )
             u = yield from self._drive(gen)
-            full = _layers._merge(self.existing, u, req.region, np.float32, relabel=False)
+            if req.region.view:  # a field of view of a big layer: a positioned layer of its own
+                full = u
+            else:
+                full = _layers._merge(self.existing, u, req.region, np.float32, relabel=False)
             labels = self.labels
             if labels is not None and tuple(labels.shape) != tuple(full.shape):
                 labels = None
@@ -145,6 +148,7 @@ class SuggestPanel(QGroupBox):
         self.task: Task | None = None
         self.regions: list[Region] = []
         self._source: str | None = None
+        self._map_layer: str | None = None
         self._axes = ""
         self._closed = False
         self._on_change = on_change or (lambda: None)
@@ -261,7 +265,7 @@ class SuggestPanel(QGroupBox):
 
     def _show(self, req: _layers.PredictRequest, umap: np.ndarray, regions: list) -> None:
         prev = _layers.find_own_layer(self.viewer, req.source, "uncertainty")
-        _layers._put_layer(
+        layer = _layers._put_layer(
             self.viewer,
             "image",
             umap,
@@ -275,6 +279,7 @@ class SuggestPanel(QGroupBox):
             blending="additive",
             opacity=0.7,
         )
+        self._map_layer = layer.name  # regions are in its pixel coordinates
         self.regions = list(regions)
         self.region_list.clear()
         for k, r in enumerate(self.regions, 1):
@@ -296,7 +301,7 @@ class SuggestPanel(QGroupBox):
         """Move the viewer to region ``k`` of the list."""
         layer = self._layer()
         if layer is None or not 0 <= k < len(self.regions):
-            show_warning("the image of these suggestions is gone")
+            show_warning("the uncertainty layer of these suggestions is gone")
             return
         try:
             jump_to(self.viewer, layer, self.regions[k])
@@ -305,10 +310,9 @@ class SuggestPanel(QGroupBox):
             show_error(user_message(e))
 
     def _layer(self):
-        if self._source is None:
-            return None
+        """The uncertainty layer: the regions are in its pixel coordinates."""
         for layer in self.viewer.layers:
-            if layer.name == self._source:
+            if layer.name == self._map_layer:
                 return layer
         return None
 
