@@ -64,6 +64,7 @@ __all__ = ["TrainWidget", "TrainRun", "Outcome"]
 logger = logging.getLogger(__name__)
 
 NONE = "(none)"
+UPDATE_MS = 400  # progress, status and loss curve repaint together at most this often
 
 
 # ----------------------------------------------------------------------------- the run (no Qt)
@@ -170,6 +171,7 @@ class LossCurve(QWidget):
         self._timer.setSingleShot(True)
         self._timer.setInterval(250)
         self._timer.timeout.connect(self.draw_now)
+        self.autodraw = True  # False: the owner calls draw_now itself (batched repaints)
         self.draws = 0
 
     def clear(self) -> None:
@@ -186,7 +188,7 @@ class LossCurve(QWidget):
         if p.val_f1 is not None and (not self.vals or p.val_f1 != self.vals[-1] or p.done):
             self.val_steps.append(p.step)
             self.vals.append(float(p.val_f1))
-        if not self._timer.isActive():
+        if self.autodraw and not self._timer.isActive():
             self._timer.start()
 
     def draw_now(self) -> None:
@@ -289,7 +291,11 @@ class TrainWidget(QWidget):
         self.previews_shown = 0  # previews drawn in the current/last training
         self._status_timer = QTimer(self)
         self._status_timer.setSingleShot(True)
-        self._status_timer.setInterval(150)
+        # one repaint of the widget (bar, text and curve together) every 400 ms while training:
+        # every repaint of a widget re-composes the window with napari's OpenGL canvas, which
+        # costs CPU the training needs (measured: worker/main-thread throughput 0.87 -> see
+        # docs/benchmarks.md)
+        self._status_timer.setInterval(UPDATE_MS)
         self._status_timer.timeout.connect(self._show_progress)
         self.last_progress: TrainProgress | None = None
 
@@ -378,6 +384,7 @@ class TrainWidget(QWidget):
         self.status_label = QLabel("idle")
         self.status_label.setWordWrap(True)
         self.curve = LossCurve()
+        self.curve.autodraw = False  # drawn with the progress bar (_show_progress)
         run_buttons = QHBoxLayout()
         run_buttons.addWidget(self.train_button)
         run_buttons.addWidget(self.stop_button)
@@ -699,6 +706,7 @@ class TrainWidget(QWidget):
             if item.val_f1 is not None:
                 text += f"  val F1 {item.val_f1:.3f}"
             self.status_label.setText(text)
+            self.curve.draw_now()
         finally:
             self.setUpdatesEnabled(True)
 
