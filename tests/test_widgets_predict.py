@@ -277,3 +277,37 @@ def test_field_of_view_of_big_and_multiscale_layers(make_widget, qtbot, monkeypa
     w.image_combo.set_value(big)
     assert w.predict() is None
     assert "zoom in" in messages["error"][-1]
+
+
+def test_whole_big_layer_goes_to_a_zarr_store_and_slices_to_their_own_layer(
+    make_widget, qtbot, monkeypatch, messages, tmp_path
+):
+    zarr = pytest.importorskip("zarr")
+    viewer, w = make_widget(Segmenter.pretrained("nuclei"))
+    monkeypatch.setattr(_layers, "BIG_LAYER_PIXELS", 100 * 100)
+    image, truth = make_nuclei((128, 128), seed=4)
+    img = viewer.add_image(image, name="huge")
+    w.image_combo.set_value(img)
+    run(qtbot, w, timeout=60_000)
+    assert not messages["error"], messages
+    out = _layers.find_own_layer(viewer, "huge")
+    assert isinstance(out.data, zarr.Array) and out.data.shape == image.shape
+    path = out.metadata["path"]
+    assert path.startswith(str(tmp_path)) and path.endswith(".zarr")
+    on_disk = np.asarray(zarr.open_array(path, mode="r"))
+    from napari_unet.metrics import instance_f1
+
+    assert instance_f1(on_disk, truth) > 0.8  # real labels were written there
+    assert any("written to disk" in m for m in messages["info"]), messages["info"]
+
+    # a stack too big for a full-size layer: 'current slice' gives the slice its own layer
+    stack = np.stack([image, image[::-1]])
+    st = viewer.add_image(stack, name="bigstack")
+    viewer.dims.set_point(0, 1)
+    w.image_combo.set_value(st)
+    w.scope_combo.setCurrentText("current slice")
+    run(qtbot, w, timeout=60_000)
+    assert not messages["error"], messages
+    view = viewer.layers["bigstack [unet view]"]
+    assert view.data.shape == image.shape and view.data.any()
+    assert _layers.find_own_layer(viewer, "bigstack") is None

@@ -10,8 +10,10 @@ the widgets turn it into a napari notification.
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -142,6 +144,7 @@ class Region:
     level: int = 0  # multiscale level the index refers to (0 = full resolution)
     factor: tuple[float, ...] | None = None  # level-0 pixels per level pixel, per spatial axis
     view: bool = False  # a field of view written as its own positioned layer (big layers)
+    to_disk: bool = False  # the whole of a big layer: labels written into a zarr store on disk
 
     @property
     def is_whole(self) -> bool:
@@ -201,7 +204,7 @@ def plan_region(
     shape = spatial_shape(layer)
     index: list[Any] = [slice(None)] * len(shape)
     if scope == SCOPES[0]:
-        return Region(tuple(index), axes, shape)
+        return Region(tuple(index), axes, shape, to_disk=int(np.prod(shape)) > BIG_LAYER_PIXELS)
     if scope not in SCOPES:
         raise LayerError(f"unknown scope {scope!r}")
     keep = "ZYX" if model_ndim == 3 else "YX"
@@ -250,7 +253,31 @@ def plan_region(
     kept = "".join(a for d, a in enumerate(spatial_axes) if isinstance(index[d], slice))
     if "C" in axes:
         kept += "C"
+    if int(np.prod(shape)) > BIG_LAYER_PIXELS:  # a slice of a big layer: its own layer
+        npx = int(np.prod([shape[d] for d, i in enumerate(index) if isinstance(i, slice)]))
+        if npx > MAX_VIEW_PIXELS:
+            raise LayerError(
+                f"the current slice of {layer.name!r} has {npx / 1e6:.0f} megapixels (at most "
+                f"{MAX_VIEW_PIXELS / 1e6:.0f} at once): predict the field of view, or the "
+                "whole layer (written to disk)"
+            )
+        return Region(tuple(index), kept, shape, view=True)
     return Region(tuple(index), kept, shape)
+
+
+def prediction_store_path(source: str) -> Path:
+    """A new zarr store path for the labels of ``source``, next to the model registry."""
+    from ..store import default_root
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in source)[:60] or "image"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = default_root().parent / "predictions"
+    path = folder / f"{safe}-{stamp}.zarr"
+    k = 1
+    while path.exists():
+        k += 1
+        path = folder / f"{safe}-{stamp}-{k}.zarr"
+    return path
 
 
 #: A field of view of a layer with more pixels than this goes to its own positioned layer
@@ -286,6 +313,7 @@ class PredictRequest:
     translate: tuple[float, ...]
     notes: list[str] = field(default_factory=list)
     data_scale: tuple[float, ...] | None = None  # physical size of each spatial axis of data
+    out_path: str | None = None  # where the labels of a big layer are written (zarr store)
 
 
 def make_request(
@@ -309,7 +337,7 @@ def make_request(
     if region.view:
         # the labels of the view alone, placed over the image: YX of the level shown
         scale = data_scale[-2:]
-        origin = [region.index[d].start for d in (-2, -1)]
+        origin = [region.index[d].start or 0 for d in (-2, -1)]
         # level pixel j covers level-0 pixels [j f, (j + 1) f): its centre is at j f + (f - 1) / 2
         translate = tuple(
             float(layer.translate[d] + layer.scale[d] * (factor[d] * (o + 0.5) - 0.5))
@@ -320,10 +348,18 @@ def make_request(
             f"{layer.name!r} is large: the field of view goes to its own layer "
             f"{layer.name + ' [unet view]'!r}, predicted at {what}"
         )
+    out_path = None
+    if region.to_disk:
+        out_path = str(prediction_store_path(layer.name))
+        notes.append(
+            f"{layer.name!r} is large: its labels are written to disk ({out_path}) and shown "
+            "from there"
+        )
     return PredictRequest(
         source=layer.name,
         data=data,
         data_scale=data_scale,
+        out_path=out_path,
         axes=region.axes,
         channel=channel,
         region=region,
@@ -445,6 +481,16 @@ def write_prediction(
             own,
         )
     own = find_own_layer(viewer, src, "labels")
+    if region.to_disk:  # labels in a zarr store on disk (too big for memory), shown lazily
+        if own is not None:
+            viewer.layers.remove(own)  # the plugin's own older result (its store stays on disk)
+        return viewer.add_labels(
+            prediction.labels,
+            name=f"{src} [unet]",
+            metadata={PLUGIN_KEY: True, "source": src, "kind": "labels", "path": request.out_path},
+            scale=request.scale,
+            translate=request.translate,
+        )
     labels = _merge(
         None if own is None else np.asarray(own.data),
         prediction.labels,

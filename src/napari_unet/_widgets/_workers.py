@@ -172,14 +172,16 @@ class PredictJob(Job):
         n = len(self.requests)
         try:
             for i, req in enumerate(self.requests):
+                out = _open_store(req) if req.out_path is not None else None
                 gen = self.segmenter.predict_iter(
                     req.data,
                     req.axes,
                     device=self.device,
                     channel=req.channel,
-                    return_probabilities=self.probabilities,
+                    return_probabilities=self.probabilities and out is None,
                     num_threads=self.num_threads,
                     scale=req.data_scale,
+                    labels_out=out,
                 )
                 pred = yield from self._drive(
                     _relay(gen, lambda d, t, i=i: PredictProgress(i, n, d, t))
@@ -188,6 +190,25 @@ class PredictJob(Job):
         except Exception as e:  # noqa: BLE001 - reported as a Failure, never raised
             return self._fail(e)
         return results
+
+
+def _open_store(req: _layers.PredictRequest) -> Any:
+    """A new zarr array on disk for the labels of a big layer (chunks of one 1024x1024 plane)."""
+    try:
+        import zarr
+    except ImportError:
+        raise ValueError(
+            f"{req.source!r} is too large to segment in memory, and writing the labels to disk "
+            "needs the 'zarr' package: pip install zarr (or napari-unet[all])"
+        ) from None
+    from pathlib import Path
+
+    shape = tuple(
+        s for d, s in enumerate(np.shape(req.data)) if req.axes[d] != "C" and s is not None
+    )
+    chunks = tuple([1] * (len(shape) - 2) + [min(1024, shape[-2]), min(1024, shape[-1])])
+    Path(req.out_path).parent.mkdir(parents=True, exist_ok=True)
+    return zarr.open_array(req.out_path, mode="w", shape=shape, chunks=chunks, dtype="int32")
 
 
 def _relay(gen: Generator, wrap: Callable[[int, int], Any]) -> Generator[Any, None, Any]:
@@ -454,7 +475,8 @@ def start_prediction(
                 layer = _layers.write_prediction(
                     viewer, req, pred, task_name, classes, probabilities
                 )
-                session_for(viewer).remember_prediction(layer, layer.data)
+                if isinstance(layer.data, np.ndarray):  # not a store on disk
+                    session_for(viewer).remember_prediction(layer, layer.data)
                 layers.append(layer)
         except Exception as e:  # noqa: BLE001 - shown, never raised into Qt
             logger.exception("napari-unet: could not write the prediction layers")
