@@ -5,7 +5,7 @@ Usage (needs a display; on a server use a virtual one)::
     xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshots.py
     python scripts/screenshots.py --out /tmp/shots     # somewhere else than docs/images
 
-Writes ``guide_1_open.png`` ... ``guide_6_models.png``:
+Writes ``guide_1_open.png`` ... ``guide_7_uncertainty.png``:
 
 1. the ``nuclei_2d`` sample opened, the three widgets docked as tabs (Predict in front);
 2. after **Predict** with the starter model: the ``nuclei [unet]`` labels over the image;
@@ -14,7 +14,8 @@ Writes ``guide_1_open.png`` ... ``guide_6_models.png``:
    Shapes layer ``corrected regions`` marks the square;
 4. the Train widget while it fine-tunes on that region: progress, status, loss curve, preview;
 5. after the training and **Refresh prediction**;
-6. the Models widget listing the saved model and its versions.
+6. the Models widget listing the saved model and its versions;
+7. "Where to correct next": the uncertainty layer and the ranked regions, the first one clicked.
 
 Models are saved in a temporary registry (``NAPARI_UNET_HOME``), never in the user's own. The
 window is 1400x900 logical pixels. Everything is driven through the widgets' buttons and
@@ -306,6 +307,20 @@ def main(argv: list[str] | None = None) -> int:
     docks[2].raise_()
     pump(1.0)
     shot(viewer, out / "guide_6_models.png")
+
+    # 7. Where to correct next: the uncertainty layer, the ranked regions, a click on the first
+    for ly in viewer.layers:
+        ly.visible = ly is image
+    docks[0].raise_()
+    pw.image_combo.set_value(image)
+    pw.scope_combo.setCurrentText("whole layer")
+    pw.suggest.run_button.click()
+    if not wait_until(lambda: not pw.suggest.running, 600):
+        raise SystemExit("the uncertainty map did not finish")
+    pw.suggest.region_list.setCurrentRow(0)
+    pw.suggest.go_to(0)
+    pump(1.0)
+    shot(viewer, out / "guide_7_uncertainty.png", keep_toasts=True)
     viewer.close()
     return 0
 

@@ -80,6 +80,9 @@ def test_uncertainty_layer_and_jump_to_the_worst_region(setup, qtbot, messages):
     panel.region_list.itemClicked.emit(panel.region_list.item(0))
     centre = np.asarray(suggest_mod.camera_of(viewer).center[-2:])
     np.testing.assert_allclose(centre, 0.5 * np.asarray(first.centre), atol=1.0)
+    # and zooms so the 64-pixel region (32 world units) fills most of the canvas
+    side = min(viewer.canvas.size)
+    assert suggest_mod.camera_of(viewer).zoom == pytest.approx(0.9 * side / 32, rel=0.05)
     np.testing.assert_array_equal(image, before)  # the user's image is untouched
     assert w.predict_button.isEnabled()
 

@@ -120,11 +120,14 @@ def jump_to(viewer: napari.Viewer, layer: Image, region: Region) -> None:
     camera = camera_of(viewer)
     camera.center = tuple(float(w) for w in world[-2:])
     extent = np.asarray(region.shape[-2:], float) * np.abs(np.asarray(layer.scale[-2:], float))
-    canvas = getattr(viewer, "_canvas_size", None)
+    # canvas pixels: viewer.canvas.size (napari >= 0.6), viewer._canvas_size before
+    canvas = getattr(getattr(viewer, "canvas", None), "size", None)
+    if canvas is None:
+        canvas = getattr(viewer, "_canvas_size", None)
     if canvas is not None and np.all(extent > 0):
-        h, w = (float(c) for c in canvas[-2:])
-        if h > 1 and w > 1:
-            camera.zoom = 0.9 * min(h / extent[0], w / extent[1])
+        side = float(min(canvas[-2:]))
+        if side > 1:
+            camera.zoom = 0.9 * side / float(extent.max())
 
 
 class SuggestPanel(QGroupBox):
