@@ -1,4 +1,4 @@
-"""Screenshots of the user guide: napari with the napari-unet widgets, one step of the workflow each.
+"""User-guide screenshots: napari with the napari-unet widgets, one step of the workflow each.
 
 Usage (needs a display; on a server use a virtual one)::
 
@@ -175,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     from qtpy.QtCore import Qt
 
     from napari_unet._widgets import _layers
-    from napari_unet._widgets._session import session_for
     from napari_unet._widgets._workers import State
     from napari_unet.metrics import instance_f1
 
@@ -183,10 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     win = viewer.window._qt_window
     win.resize(1400, 900)
     viewer.open_sample("napari-unet", "nuclei_2d")
-    # Load the session's model before the widgets are built: PredictWidget._on_model_changed
-    # reads the model's name before the (lazy) model, so the first label says "untitled"
-    # although the starter model is in use (reported; harmless once fixed).
-    session_for(viewer).segmenter
     docks, widgets = [], {}
     for name in ("U-Net Predict", "U-Net Train", "U-Net Models"):
         dock, w = viewer.window.add_plugin_dock_widget("napari-unet", name)
@@ -258,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     if tw.state.value != State.TRAINING:
         raise SystemExit(f"training refused: {tw.status_label.text()}")
     wait_until(
-        lambda: any((ly.metadata or {}).get("kind") == "preview" for ly in viewer.layers)
-        and tw.last_progress is not None
-        and tw.last_progress.seconds > 0.55 * args.train_seconds,
+        lambda: (
+            any((ly.metadata or {}).get("kind") == "preview" for ly in viewer.layers)
+            and tw.last_progress is not None
+            and tw.last_progress.seconds > 0.55 * args.train_seconds
+        ),
         args.train_seconds + 120,
     )
     pred_layer.visible = False
@@ -287,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"F1@0.5 whole image: starter {instance_f1(before, truth):.3f}, "
         f"fine-tuned {instance_f1(after, truth):.3f}; in the square: starter "
-        f"{instance_f1(before[sq], truth[sq]):.3f}, fine-tuned {instance_f1(after[sq], truth[sq]):.3f}"
+        f"{instance_f1(before[sq], truth[sq]):.3f}, "
+        f"fine-tuned {instance_f1(after[sq], truth[sq]):.3f}"
     )
     viewer.layers.selection.active = _layers.find_own_layer(viewer, "nuclei")
     camera(viewer).center = zoom_on  # the corrected square again, now predicted by the new model

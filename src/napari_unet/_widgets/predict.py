@@ -126,9 +126,8 @@ class PredictWidget(QWidget):
         if self._closed:
             return
         try:
-            self.model_label.setText(
-                describe_model(self.session.model_name, self.session.segmenter)
-            )
+            seg = self.session.segmenter  # first: loading the starter model sets the name
+            self.model_label.setText(describe_model(self.session.model_name, seg))
         except RuntimeError:  # the Qt widget is gone
             self._closed = True
         except Exception as e:  # noqa: BLE001 - a model that fails to load is shown, not raised
