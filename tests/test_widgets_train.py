@@ -254,15 +254,19 @@ def test_viewer_close_while_training_stops_and_saves(setup, qtbot, messages):
     assert session.registry.versions("tiny")
 
 
-def test_stack_trains_on_the_corrected_slices_only(setup, qtbot, messages):
-    """Predict a Z stack, correct one slice, train: only that slice reaches the loss."""
+@pytest.mark.parametrize("first_axis", ["z", "time"])
+def test_stack_trains_on_the_corrected_slices_only(setup, qtbot, messages, first_axis):
+    """Predict a Z stack (or a time series), correct one slice (frame), train: only that one
+    reaches the loss."""
     from napari_unet._widgets._workers import start_prediction
 
     viewer, w, session = setup
     stack, truth = zip(*(make_nuclei((48, 48), seed=s) for s in (20, 21, 22)), strict=True)
     stack, truth = np.stack(stack), np.stack(truth)
-    img = viewer.add_image(stack, name="stack")
+    img = viewer.add_image(stack, name="stack", axis_labels=(first_axis, "y", "x"))
     viewer.dims.ndisplay = 2
+    expected_axes = "TYX" if first_axis == "time" else "ZYX"
+    assert _layers.image_axes(img, viewer) == expected_axes
     seg = session.segmenter
     req = _layers.make_request(viewer, img, seg, _layers.SCOPES[0])
     task = start_prediction(viewer, seg, [req], device="cpu", on_error=messages["error"].append)
