@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
+from conftest import capture_notifications  # noqa: E402
 from qtpy.QtCore import QThreadPool  # noqa: E402
 
 from napari_unet._widgets import _layers  # noqa: E402
@@ -37,10 +38,7 @@ def nuclei():
 
 @pytest.fixture
 def messages(monkeypatch):
-    got: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
-    for kind, sink in got.items():
-        monkeypatch.setattr(predict_mod, f"show_{kind}", sink.append)
-    return got
+    return capture_notifications(monkeypatch, predict_mod)
 
 
 @pytest.fixture

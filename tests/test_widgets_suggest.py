@@ -9,14 +9,13 @@ from scipy import ndimage as ndi
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
+from conftest import capture_notifications  # noqa: E402
 from qtpy.QtCore import QThreadPool  # noqa: E402
 
 from napari_unet._widgets import suggest as suggest_mod  # noqa: E402
-from napari_unet._widgets._session import session_for  # noqa: E402
 from napari_unet._widgets.predict import PredictWidget  # noqa: E402
 from napari_unet.data import make_nuclei  # noqa: E402
 from napari_unet.segmenter import Segmenter  # noqa: E402
-from napari_unet.store import ModelRegistry  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +25,12 @@ def starter():
 
 @pytest.fixture
 def messages(monkeypatch):
-    got: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
-    for kind, sink in got.items():
-        monkeypatch.setattr(suggest_mod, f"show_{kind}", sink.append)
-    return got
+    return capture_notifications(monkeypatch, suggest_mod)
 
 
 @pytest.fixture
-def setup(make_napari_viewer, qtbot, tmp_path, monkeypatch, starter):
-    monkeypatch.setenv("NAPARI_UNET_HOME", str(tmp_path / "models"))
-    viewer = make_napari_viewer()
-    session = session_for(viewer)
-    session.registry = ModelRegistry(tmp_path / "models")
+def setup(viewer_session, qtbot, starter):
+    viewer, session = viewer_session
     session.set_segmenter(starter.copy(), name="nuclei")
     widget = PredictWidget(viewer)
     viewer.window.add_dock_widget(widget, name="U-Net Predict")

@@ -10,16 +10,15 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
+from conftest import capture_notifications  # noqa: E402
 from qtpy.QtCore import QThreadPool  # noqa: E402
 
 from napari_unet._widgets import _layers  # noqa: E402
 from napari_unet._widgets import train as train_mod  # noqa: E402
-from napari_unet._widgets._session import session_for  # noqa: E402
 from napari_unet._widgets._workers import State  # noqa: E402
 from napari_unet._widgets.train import TrainWidget  # noqa: E402
 from napari_unet.data import make_nuclei  # noqa: E402
 from napari_unet.segmenter import Segmenter  # noqa: E402
-from napari_unet.store import ModelRegistry  # noqa: E402
 
 
 def tiny() -> Segmenter:
@@ -41,19 +40,13 @@ def nuclei():
 
 @pytest.fixture
 def messages(monkeypatch):
-    got: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
-    for kind, sink in got.items():
-        monkeypatch.setattr(train_mod, f"show_{kind}", sink.append)
-    return got
+    return capture_notifications(monkeypatch, train_mod)
 
 
 @pytest.fixture
-def setup(make_napari_viewer, qtbot, tmp_path, monkeypatch, nuclei):
+def setup(viewer_session, qtbot, nuclei):
     """A viewer with a tiny model, an image 'img' and labels 'truth', and a TrainWidget."""
-    monkeypatch.setenv("NAPARI_UNET_HOME", str(tmp_path / "models"))
-    viewer = make_napari_viewer()
-    session = session_for(viewer)
-    session.registry = ModelRegistry(tmp_path / "models")
+    viewer, session = viewer_session
     session.set_segmenter(tiny(), name="tiny")
     image, labels = nuclei
     img = viewer.add_image(image, name="img")
