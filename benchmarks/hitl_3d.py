@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="fine-tuning per round")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-3d", action="store_true", help="skip the 3D network from scratch")
+    ap.add_argument("--seed", type=int, default=0, help="another working/held-out volume set")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -125,8 +126,8 @@ def main() -> None:
         f"volume {shape} {DOMAIN}; {args.rounds} rounds x {args.per_round} slice(s), "
         f"{args.seconds:.0f} s fine-tuning per round"
     )
-    vol, truth = make_nuclei(shape, seed=4242, **DOMAIN)
-    test = [make_nuclei(shape, seed=60_000 + i, **DOMAIN) for i in range(2)]
+    vol, truth = make_nuclei(shape, seed=4242 + args.seed, **DOMAIN)
+    test = [make_nuclei(shape, seed=60_000 + 10 * args.seed + i, **DOMAIN) for i in range(2)]
     print(
         f"working volume: {int(truth.max())} objects; held out: {[int(t.max()) for _, t in test]}"
     )
