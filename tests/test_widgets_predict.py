@@ -309,3 +309,29 @@ def test_whole_big_layer_goes_to_a_zarr_store_and_slices_to_their_own_layer(
     view = viewer.layers["bigstack [unet view]"]
     assert view.data.shape == image.shape and view.data.any()
     assert _layers.find_own_layer(viewer, "bigstack") is None
+
+
+def test_model_with_two_channels_takes_a_second_layer(make_widget, qtbot, nuclei, messages):
+    """napari shows multichannel files as one layer per channel: tick the other channels."""
+    viewer, w = make_widget(eager_model(in_channels=2))
+    assert w._form.isRowVisible(w._channels_row)  # shown for a 2-channel model
+    nuc = viewer.add_image(nuclei[0], name="nuc")
+    viewer.add_image(nuclei[0][::-1].copy(), name="cyto")
+    viewer.add_image(np.zeros((32, 32), np.float32), name="small")
+    w.image_combo.set_value(nuc)
+    # one channel only: the core says how many the model wants
+    run(qtbot, w)
+    assert "2 channel" in messages["error"][-1]
+    assert own_layers(viewer) == []
+    # a layer of another shape as second channel: refused with both shapes named
+    w.channel_list.set_checked([viewer.layers["small"]])
+    assert w.predict() is None
+    assert "different shapes" in messages["error"][-1]
+    w.channel_list.set_checked([viewer.layers["cyto"]])
+    run(qtbot, w)
+    out = _layers.find_own_layer(viewer, "nuc")
+    assert out is not None and out.data.shape == nuclei[0].shape and out.data.any()
+    assert any("channels: 'nuc', 'cyto'" in m for m in messages["info"]), messages["info"]
+    # a one-channel model hides the list again
+    session_for(viewer).set_segmenter(eager_model(), name="one")
+    assert not w._form.isRowVisible(w._channels_row)

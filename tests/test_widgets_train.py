@@ -297,3 +297,16 @@ def test_stack_trains_on_the_corrected_slices_only(setup, qtbot, messages, first
     assert w.state.value == State.DONE, messages
     (mask,) = task.job.masks
     assert mask[2].all() and not mask[:2].any()
+
+
+def test_two_channel_model_trains_on_two_layers(setup, qtbot, nuclei, messages):
+    viewer, w, session = setup
+    session.set_segmenter(Segmenter.new(in_channels=2, base_channels=4, depth=2), name="two")
+    assert w._data_form.isRowVisible(w._channels_row)
+    second = viewer.add_image(nuclei[0][:, ::-1].copy(), name="second channel")
+    w.image_combo.set_value(viewer.layers["img"])
+    w.channel_list.set_checked([second])
+    task = train_steps(qtbot, w, steps=2)
+    assert w.state.value == State.DONE, messages
+    assert task.job.images[0].shape == (*nuclei[0].shape, 2)
+    assert any("channels: 'img', 'second channel'" in m for m in messages["info"])

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtWidgets import QComboBox
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QComboBox, QListWidget, QListWidgetItem
 
 if TYPE_CHECKING:
     import napari
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from ..segmenter import Prediction, Segmenter
 
 __all__ = [
+    "ChannelList",
+    "stack_channels",
     "edited_planes",
     "planes_mask",
     "LayerError",
@@ -126,6 +129,31 @@ def model_channel(layer: Image, segmenter: Segmenter) -> tuple[int | None, str |
             "Use a 3-channel model to segment on all colours."
         )
     return None, None
+
+
+def stack_channels(layers: list) -> Any:
+    """The arrays of several single-channel image layers as one ``(..., C)`` array.
+
+    For a model with several input channels when napari shows the channels as separate layers
+    (``channel_axis``). Lazy (dask) when any layer is lazy; refuses RGB layers and layers of
+    different shapes with a plain message.
+    """
+    names = [ly.name for ly in layers]
+    for ly in layers:
+        if getattr(ly, "rgb", False):
+            raise LayerError(f"{ly.name!r} is RGB: channels must be single-channel layers")
+    shapes = {tuple(spatial_shape(ly)) for ly in layers}
+    if len(shapes) != 1:
+        raise LayerError(
+            f"the channel layers {names} have different shapes "
+            f"({', '.join(str(spatial_shape(ly)) for ly in layers)}); they must match"
+        )
+    arrays = [image_array(ly) for ly in layers]
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        return np.stack(arrays, axis=-1)
+    import dask.array as da
+
+    return da.stack([da.asarray(a) for a in arrays], axis=-1)
 
 
 # ----------------------------------------------------------------------------- regions
@@ -322,11 +350,33 @@ def make_request(
     segmenter: Segmenter,
     scope: str = SCOPES[0],
     corners: np.ndarray | None = None,
+    channels: list | None = None,
 ) -> PredictRequest:
-    """Read ``layer`` for a prediction of ``scope``; raises :class:`LayerError` on bad input."""
+    """Read ``layer`` for a prediction of ``scope``; raises :class:`LayerError` on bad input.
+
+    ``channels``: more single-channel image layers, stacked after ``layer`` as the model's
+    input channels.
+    """
     region = plan_region(layer, viewer, scope, segmenter.ndim, corners)
     channel, note = model_channel(layer, segmenter)
-    data = region.crop_layer(layer)
+    if channels:  # several single-channel layers as the model's channels
+        stacked = stack_channels([layer, *channels])
+        if region.level:
+            raise LayerError("extra channel layers work at full resolution: zoom in further")
+        data = region.crop(stacked, True)
+        region = Region(
+            region.index,
+            region.axes + "C",
+            region.full_shape,
+            region.level,
+            region.factor,
+            region.view,
+            region.to_disk,
+        )
+        channel = None
+        note = "channels: " + ", ".join(repr(ly.name) for ly in [layer, *channels])
+    else:
+        data = region.crop_layer(layer)
     factor = np.asarray(region.factor if region.factor is not None else [1.0] * len(region.index))
     # physical sizes of the cropped array's spatial axes (anisotropic voxels: layer.scale)
     kept = [d for d, i in enumerate(region.index) if isinstance(i, slice)]
@@ -775,3 +825,70 @@ class LayerCombo(QComboBox):
             em.disconnect(self.refresh)
         for layer in self._viewer.layers:
             layer.events.name.disconnect(self.refresh)
+
+
+class ChannelList(QListWidget):
+    """Checkable list of single-channel image layers to use as extra input channels.
+
+    Shown by the widgets only for a model with more than one input channel. ``checked()``
+    returns the ticked layers in the list's order (the main image layer comes first).
+    """
+
+    def __init__(self, viewer: napari.Viewer, exclude=None, parent=None):
+        super().__init__(parent)
+        self._viewer = viewer
+        self._exclude = exclude
+        self._layers: list[weakref.ref] = []
+        self.setMaximumHeight(90)
+        self.setToolTip(
+            "for a model with several channels: the other channels, as separate image layers "
+            "of the same shape (napari opens multichannel files that way)"
+        )
+        events = viewer.layers.events
+        events.inserted.connect(self.refresh)
+        events.removed.connect(self.refresh)
+        events.moved.connect(self.refresh)
+        self.refresh()
+
+    def refresh(self, event=None) -> None:
+        from napari.layers import Image
+
+        ticked = {id(ly) for ly in self.checked()}
+        self.clear()
+        self._layers = []
+        for layer in self._viewer.layers:
+            if not isinstance(layer, Image) or getattr(layer, "rgb", False):
+                continue
+            if self._exclude is not None and self._exclude(layer):
+                continue
+            item = QListWidgetItem(layer.name)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            state = Qt.CheckState.Checked if id(layer) in ticked else Qt.CheckState.Unchecked
+            item.setCheckState(state)
+            self.addItem(item)
+            self._layers.append(weakref.ref(layer))
+
+    def checked(self) -> list:
+        out = []
+        for i, ref in enumerate(self._layers):
+            item = self.item(i)
+            layer = ref()
+            if (
+                item is not None
+                and layer is not None
+                and item.checkState() == Qt.CheckState.Checked
+            ):
+                out.append(layer)
+        return out
+
+    def set_checked(self, layers: list) -> None:
+        want = {id(ly) for ly in layers}
+        for i, ref in enumerate(self._layers):
+            layer = ref()
+            state = Qt.CheckState.Checked if id(layer) in want else Qt.CheckState.Unchecked
+            self.item(i).setCheckState(state)
+
+    def disconnect_viewer(self) -> None:
+        events = self._viewer.layers.events
+        for em in (events.inserted, events.removed, events.moved):
+            em.disconnect(self.refresh)

@@ -63,6 +63,7 @@ class PredictWidget(QWidget):
         from napari.layers import Image
 
         self.image_combo = _layers.LayerCombo(self.viewer, (Image,), exclude=_not_plugin_output)
+        self.channel_list = _layers.ChannelList(self.viewer, exclude=_not_plugin_output)
         self.model_label = QLabel()
         self.model_label.setWordWrap(True)
         self.device_combo = QComboBox()
@@ -79,6 +80,9 @@ class PredictWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
+        form.addRow("Extra channels", self.channel_list)
+        self._channels_row = form.rowCount() - 1
+        self._form = form
         form.addRow("Model", self.model_label)
         form.addRow("Device", self.device_combo)
         form.addRow("Scope", self.scope_combo)
@@ -98,6 +102,7 @@ class PredictWidget(QWidget):
             self.device_combo,
             self.progress,
             on_change=self._update_buttons,
+            channels=self.extra_channels,
         )
         layout.addWidget(self.suggest)
         layout.addStretch(1)
@@ -128,6 +133,8 @@ class PredictWidget(QWidget):
         try:
             seg = self.session.segmenter  # first: loading the starter model sets the name
             self.model_label.setText(describe_model(self.session.model_name, seg))
+            # extra channel layers only mean something for a model with several channels
+            self._form.setRowVisible(self._channels_row, seg.in_channels > 1)
         except RuntimeError:  # the Qt widget is gone
             self._closed = True
         except Exception as e:  # noqa: BLE001 - a model that fails to load is shown, not raised
@@ -147,7 +154,13 @@ class PredictWidget(QWidget):
             seg = self.session.segmenter
             if self.session.training_lock.locked():
                 show_info("a training is running: predicting with a snapshot of the current model")
-            request = _layers.make_request(self.viewer, layer, seg, self.scope_combo.currentText())
+            request = _layers.make_request(
+                self.viewer,
+                layer,
+                seg,
+                self.scope_combo.currentText(),
+                channels=self.extra_channels(layer, seg),
+            )
         except ValueError as e:
             show_error(str(e))
             return None
@@ -169,6 +182,12 @@ class PredictWidget(QWidget):
         )
         self._update_buttons()
         return self._task
+
+    def extra_channels(self, layer, seg: Segmenter) -> list:
+        """The ticked channel layers (for a model with several channels), without ``layer``."""
+        if seg.in_channels < 2:
+            return []
+        return [ly for ly in self.channel_list.checked() if ly is not layer]
 
     def cancel(self) -> None:
         """Stop the running prediction; no layer is changed."""
@@ -198,6 +217,7 @@ class PredictWidget(QWidget):
             pass
         try:
             self.image_combo.disconnect_viewer()
+            self.channel_list.disconnect_viewer()
         except Exception:  # noqa: BLE001 - the viewer may already be torn down
             pass
 

@@ -143,6 +143,7 @@ class SuggestPanel(QGroupBox):
         progress: QProgressBar,
         parent: QWidget | None = None,
         on_change: Callable[[], None] | None = None,
+        channels: Callable[[Any, Any], list] | None = None,
     ):
         super().__init__("Where to correct next", parent)
         self.viewer, self.session = viewer, session
@@ -155,6 +156,7 @@ class SuggestPanel(QGroupBox):
         self._axes = ""
         self._closed = False
         self._on_change = on_change or (lambda: None)
+        self._channels = channels  # (layer, model) -> extra channel layers
 
         self.mode_combo = QComboBox()
         self.mode_combo.addItems(list(MODES))
@@ -201,7 +203,10 @@ class SuggestPanel(QGroupBox):
             return None
         seg = self.session.segmenter
         try:
-            req = _layers.make_request(self.viewer, layer, seg, self.scope_combo.currentText())
+            channels = self._channels(layer, seg) if self._channels is not None else None
+            req = _layers.make_request(
+                self.viewer, layer, seg, self.scope_combo.currentText(), channels=channels
+            )
         except ValueError as e:
             show_error(str(e))
             return None

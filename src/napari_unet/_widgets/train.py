@@ -311,6 +311,9 @@ class TrainWidget(QWidget):
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
         form.addRow("Labels", self.labels_combo)
+        self.channel_list = _layers.ChannelList(self.viewer, exclude=_image_choice)
+        form.addRow("Extra channels", self.channel_list)
+        self._channels_row, self._data_form = form.rowCount() - 1, form
         pair_buttons = QHBoxLayout()
         pair_buttons.addWidget(self.add_pair_button)
         pair_buttons.addWidget(self.remove_pair_button)
@@ -409,6 +412,20 @@ class TrainWidget(QWidget):
         self.viewer.dims.events.current_step.connect(self._on_dims)
         self._apply_state()
         self._hook = ShutdownHook(self, self.viewer, self.shutdown)
+        self.session.model_changed.connect(self._on_model_changed)
+        self._on_model_changed()
+
+    def _on_model_changed(self, *_: Any) -> None:
+        """Show 'Extra channels' only for a model with several input channels."""
+        if self._closed:
+            return
+        try:
+            several = self.session.segmenter.in_channels > 1
+            self._data_form.setRowVisible(self._channels_row, several)
+        except RuntimeError:  # the Qt widget is gone
+            self._closed = True
+        except Exception:  # noqa: BLE001 - a model that fails to load: nothing to show
+            logger.exception("napari-unet: cannot read the current model")
 
     # ------------------------------------------------------------------ pairs
     def add_pair(self) -> None:
@@ -556,6 +573,18 @@ class TrainWidget(QWidget):
                 note = f"{note}; {done}" if note else done
         # copies: training reads these, the user may keep painting
         images = [np.array(_layers.image_array(im)) for im, _ in pairs]
+        rgb = bool(getattr(pairs[0][0], "rgb", False))
+        extra = [ly for ly in self.channel_list.checked() if ly is not pairs[0][0]]
+        if seg.in_channels > 1 and extra:
+            if len(pairs) > 1 or self._pairs:
+                raise _layers.LayerError(
+                    "extra channel layers work with the Image/Labels choice above, not with a "
+                    "list of pairs"
+                )
+            images = [np.array(_layers.stack_channels([pairs[0][0], *extra]))]
+            axes, channel, rgb = axes + "C", None, True
+            names = ", ".join(repr(ly.name) for ly in [pairs[0][0], *extra])
+            note = f"{note}; channels: {names}" if note else f"channels: {names}"
         labels = [np.array(lab.data) for _, lab in pairs]
         preview_region = None
         every = float(self.preview_spin.value())
@@ -573,7 +602,7 @@ class TrainWidget(QWidget):
                 masks,
                 preview_every=every if preview_region is not None else 0.0,
                 preview_region=preview_region,
-                preview_rgb=bool(getattr(pairs[0][0], "rgb", False)),
+                preview_rgb=rgb,
                 axes=axes,
                 channel=channel,
                 names=[im.name for im, _ in pairs],
@@ -796,6 +825,10 @@ class TrainWidget(QWidget):
         task, self._refresh_task = self._refresh_task, None
         if task is not None:
             task.stop(timeout=10.0)
+        try:
+            self.session.model_changed.disconnect(self._on_model_changed)
+        except Exception:  # noqa: BLE001 - already disconnected
+            pass
         for emitter, cb in (
             (self.viewer.layers.events.removed, self._prune_pairs),
             (self.viewer.dims.events.current_step, self._on_dims),
@@ -804,7 +837,7 @@ class TrainWidget(QWidget):
                 emitter.disconnect(cb)
             except Exception:  # noqa: BLE001 - the viewer may already be torn down
                 pass
-        for combo in (self.image_combo, self.labels_combo, self.shapes_combo):
+        for combo in (self.image_combo, self.labels_combo, self.shapes_combo, self.channel_list):
             try:
                 combo.disconnect_viewer()
             except Exception:  # noqa: BLE001
