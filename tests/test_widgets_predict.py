@@ -335,3 +335,33 @@ def test_model_with_two_channels_takes_a_second_layer(make_widget, qtbot, nuclei
     # a one-channel model hides the list again
     session_for(viewer).set_segmenter(eager_model(), name="one")
     assert not w._form.isRowVisible(w._channels_row)
+
+
+def test_prediction_notes_reach_the_user_and_labels_are_compacted_in_the_worker(
+    make_widget, qtbot, nuclei, monkeypatch, messages
+):
+    """What the core had to change (e.g. out of GPU memory: the CPU took over) is shown."""
+    from napari_unet._widgets import _workers
+
+    warned: list[str] = []
+    monkeypatch.setattr(_workers, "show_warning", warned.append)
+    original = Segmenter.predict_iter
+
+    def with_a_note(self, *args, **kwargs):
+        pred = yield from original(self, *args, **kwargs)
+        pred.notes.append("out of memory on cuda: continuing on the CPU")
+        assert pred.labels.dtype == np.int32  # the core's labels; the worker compacts them
+        return pred
+
+    monkeypatch.setattr(Segmenter, "predict_iter", with_a_note)
+    viewer, w = make_widget()
+    w.image_combo.set_value(viewer.add_image(nuclei[0], name="nuc"))
+    run(qtbot, w)
+    assert warned == ["out of memory on cuda: continuing on the CPU"]
+    assert _layers.find_own_layer(viewer, "nuc").data.dtype == np.uint16
+
+
+def test_starter_model_named_when_the_widget_opens(make_napari_viewer, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_UNET_HOME", str(tmp_path / "models"))
+    widget = PredictWidget(make_napari_viewer())  # the session loads the shipped starter
+    assert widget.model_label.text().startswith("nuclei "), widget.model_label.text()

@@ -15,6 +15,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from .metrics import _overlap
+
 __all__ = [
     "instances_from_probabilities",
     "classes_from_probabilities",
@@ -190,25 +192,18 @@ def link_to_previous(
     if previous is not None and previous.shape != current.shape:
         raise ValueError(f"previous slice has shape {previous.shape}, this one {current.shape}")
     if previous is not None and previous.any():
-        cur = current.reshape(-1).astype(np.int64)
-        prev = previous.reshape(-1).astype(np.int64)
-        both = (cur > 0) & (prev > 0)
-        pids, pinv, psize = np.unique(prev, return_inverse=True, return_counts=True)
-        if both.any():
-            pair = cur[both] * len(pids) + pinv[both]
-            keys, inter = np.unique(pair, return_counts=True)
-            c, pi = keys // len(pids), keys % len(pids)
-            iou = inter / (sizes[c] + psize[pi] - inter)
-            used_c: set[int] = set()
-            used_p: set[int] = set()
-            for j in np.argsort(-iou, kind="stable"):
-                if iou[j] < min_iou:
-                    break
-                if c[j] in used_c or pi[j] in used_p:
-                    continue
-                used_c.add(int(c[j]))
-                used_p.add(int(pi[j]))
-                lut[c[j]] = pids[pi[j]]
+        ov = _overlap(current, previous)  # IoU of every overlapping pair, sparse
+        used_c: set[int] = set()
+        used_p: set[int] = set()
+        for j in np.argsort(-ov.ious, kind="stable"):
+            if ov.ious[j] < min_iou:
+                break
+            c, pi = int(ov.rows[j]), int(ov.cols[j])
+            if c in used_c or pi in used_p:
+                continue
+            used_c.add(c)
+            used_p.add(pi)
+            lut[ov.pred_ids[c]] = ov.true_ids[pi]
     fresh = present[lut[present] == 0]
     lut[fresh] = np.arange(next_id, next_id + len(fresh))
     if lut.max() > np.iinfo(np.int32).max:

@@ -478,7 +478,6 @@ class Segmenter:
                             for d in run.tiles(src, out, transform, spatial):
                                 yield done + int(d * per_plane), total
                             done += per_plane
-                    _release(run.device)
                     t1 = time.perf_counter()
                     labels = self._postprocess(probs, spacing)
                     yield total, total
@@ -509,11 +508,10 @@ class Segmenter:
                                     prev = final if linking else None
                                 _write_labels(labels_out, final, keep, t, z)
                                 pp_s += time.perf_counter() - t1
-                    _release(run.device)
                     yield total, total
                     labels, probs_out = labels_out, None
         finally:
-            _release(run.device)
+            _release(run.device)  # the GPU is not left full, whatever happened
         t2 = time.perf_counter()
         return Prediction(
             probs_out,
@@ -896,7 +894,7 @@ class _Run:
             except Exception as e:
                 if not _is_oom(e):
                     raise
-                gen.close()
+                gen.close()  # the tile reader thread stops before the retry starts
                 self._retreat(e)
             finally:
                 gen.close()
@@ -1107,8 +1105,6 @@ def _block_sample_range(
     Reading whole blocks (through the cache the prediction then reads from) instead of a
     strided sample keeps each block read once; a strided sample would touch every block.
     """
-    if cache.dtype == np.bool_:
-        return 0.0, 1.0
     ct, cz, cc, cy, cx = cache.chunks
     T, Z, _, Y, X = cache.shape
     grid = (math.ceil(T / ct), math.ceil(Z / cz), math.ceil(Y / cy), math.ceil(X / cx))
@@ -1125,15 +1121,7 @@ def _block_sample_range(
             slice(x * cx, (x + 1) * cx),
         )
         values.append(cache[key].reshape(-1))
-    sample = np.concatenate(values)
-    if sample.size > 2_000_000:
-        sample = sample[:: math.ceil(sample.size / 2_000_000)]
-    if sample.dtype.kind in "fc":
-        sample = sample[np.isfinite(sample)]
-        if sample.size == 0:
-            return 0.0, 0.0
-    lo, hi = np.percentile(sample, [low, high])
-    return float(lo), float(hi)
+    return data.percentile_range(np.concatenate(values), low, high)
 
 
 def _stack_frames(image: Any, axes: str | None) -> tuple[Any, str | None]:

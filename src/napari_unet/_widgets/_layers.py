@@ -10,6 +10,7 @@ the widgets turn it into a napari notification.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -265,32 +266,28 @@ def plan_region(
             for d in range(len(shape) - 2):
                 if not isinstance(index[d], slice):
                     index[d] = min(int(index[d] / factor[d]), lshape[d] - 1)
-        view = level > 0 or int(np.prod(shape)) > BIG_LAYER_PIXELS
-        if view:
-            npx = (index[-2].stop - index[-2].start) * (index[-1].stop - index[-1].start)
-            if npx > MAX_VIEW_PIXELS:
-                raise LayerError(
-                    f"the field of view covers {npx / 1e6:.0f} megapixels of {layer.name!r} "
-                    f"at this scale (at most {MAX_VIEW_PIXELS / 1e6:.0f}): zoom in, or predict "
-                    "the whole layer"
-                )
-        kept = "".join(a for d, a in enumerate(spatial_axes) if isinstance(index[d], slice))
-        if "C" in axes:
-            kept += "C"
-        return Region(tuple(index), kept, lshape, level, tuple(factor), view)
+    else:
+        level, factor, lshape = 0, np.ones(len(shape)), shape
     kept = "".join(a for d, a in enumerate(spatial_axes) if isinstance(index[d], slice))
     if "C" in axes:
         kept += "C"
-    if int(np.prod(shape)) > BIG_LAYER_PIXELS:  # a slice of a big layer: its own layer
-        npx = int(np.prod([shape[d] for d, i in enumerate(index) if isinstance(i, slice)]))
+    # a big layer (or a coarser level): the part goes to its own positioned layer
+    view = level > 0 or int(np.prod(shape)) > BIG_LAYER_PIXELS
+    if view:
+        kept_sizes = [
+            len(range(*i.indices(n)))
+            for i, n in zip(index, lshape, strict=True)
+            if isinstance(i, slice)
+        ]
+        npx = int(np.prod(kept_sizes))
         if npx > MAX_VIEW_PIXELS:
+            what = "field of view covers" if scope == SCOPES[2] else "current slice has"
             raise LayerError(
-                f"the current slice of {layer.name!r} has {npx / 1e6:.0f} megapixels (at most "
-                f"{MAX_VIEW_PIXELS / 1e6:.0f} at once): predict the field of view, or the "
-                "whole layer (written to disk)"
+                f"the {what} {npx / 1e6:.0f} megapixels of {layer.name!r} at this scale (at "
+                f"most {MAX_VIEW_PIXELS / 1e6:.0f} at once): zoom in and predict the field of "
+                "view, or predict the whole layer (written to disk)"
             )
-        return Region(tuple(index), kept, shape, view=True)
-    return Region(tuple(index), kept, shape)
+    return Region(tuple(index), kept, lshape, level, tuple(factor), view)
 
 
 def prediction_store_path(source: str) -> Path:
@@ -364,15 +361,7 @@ def make_request(
         if region.level:
             raise LayerError("extra channel layers work at full resolution: zoom in further")
         data = region.crop(stacked, True)
-        region = Region(
-            region.index,
-            region.axes + "C",
-            region.full_shape,
-            region.level,
-            region.factor,
-            region.view,
-            region.to_disk,
-        )
+        region = dataclasses.replace(region, axes=region.axes + "C")
         channel = None
         note = "channels: " + ", ".join(repr(ly.name) for ly in [layer, *channels])
     else:
@@ -473,9 +462,12 @@ def compact_labels(labels: np.ndarray) -> np.ndarray:
     napari uploads uint8/uint16 labels to the GPU as they are but maps every pixel of a wider
     integer type through a lookup table on the GUI thread: measured on a 4096x4096 layer under
     Xvfb, ``add_labels`` 0.09 s (uint16) vs 0.29-0.60 s (int32), ``layer.data = ...`` 0.016 s vs
-    0.27-0.32 s. Brush painting is unaffected (new ids stay below 65535 in practice).
+    0.27-0.32 s. A new label painted by the user takes the next free id, which fits as long
+    as the layer holds fewer than 65535 objects (more ids than that keep int32).
     """
     labels = np.asarray(labels)
+    if labels.dtype in (np.uint8, np.uint16):
+        return labels  # compact already (the workers compact before the GUI sees it)
     if labels.size == 0 or (labels.min() >= 0 and labels.max() < 65535):
         return labels.astype(np.uint16, copy=False)
     return labels.astype(np.int32, copy=False)
@@ -541,14 +533,18 @@ def write_prediction(
             scale=request.scale,
             translate=request.translate,
         )
-    labels = _merge(
-        None if own is None else np.asarray(own.data),
-        prediction.labels,
-        region,
-        np.int32,
-        relabel=segmenter_task == "instance",
-    )
-    labels = compact_labels(labels)
+    if region.is_whole:  # as the worker compacted it: no copy on the GUI thread
+        labels = compact_labels(prediction.labels)
+    else:
+        labels = compact_labels(
+            _merge(
+                None if own is None else np.asarray(own.data),
+                prediction.labels,
+                region,
+                np.int32,
+                relabel=segmenter_task == "instance",
+            )
+        )
     layer = _put_layer(
         viewer,
         "labels",

@@ -11,6 +11,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from psygnal import Signal
 
 from ..segmenter import Segmenter
@@ -66,8 +67,6 @@ class Session:
 
         Held by the layer's id next to a weak reference to the layer: a removed layer frees it.
         """
-        import numpy as np
-
         self._snapshots = {k: v for k, v in self._snapshots.items() if v[0]() is not None}
         self._snapshots[id(layer)] = (weakref.ref(layer), np.array(labels, copy=True))
 

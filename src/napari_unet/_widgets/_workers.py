@@ -22,6 +22,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from napari.utils.notifications import show_warning
 from psygnal import Signal
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer
 
@@ -116,17 +117,35 @@ class Job:
     def __init__(self) -> None:
         self.failure: str | None = None
         self._inner: list[Generator] = []
+        self._stop = threading.Event()
 
     def run(self) -> Generator[Any, None, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
         yield
 
+    def request_stop(self) -> None:
+        """End the job at its next yield, inside the worker (thread-safe)."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
     def _drive(self, gen: Generator) -> Generator[Any, None, Any]:
-        """``yield from gen`` that registers ``gen`` so :meth:`close` can close it."""
+        """``yield from gen``, registered so :meth:`close` can close it; after
+        :meth:`request_stop` it closes ``gen`` at its next yield and returns None."""
         self._inner.append(gen)
         try:
-            return (yield from gen)
+            while True:
+                try:
+                    item = next(gen)
+                except StopIteration as stop:
+                    return stop.value
+                yield item
+                if self.stop_requested:
+                    return None
         finally:
+            gen.close()  # a no-op once gen is exhausted
             if gen in self._inner:
                 self._inner.remove(gen)
 
@@ -186,6 +205,8 @@ class PredictJob(Job):
                 pred = yield from self._drive(
                     _relay(gen, lambda d, t, i=i: PredictProgress(i, n, d, t))
                 )
+                if isinstance(pred.labels, np.ndarray):  # here, not on the GUI thread
+                    pred.labels = _layers.compact_labels(pred.labels)
                 results.append((req, pred))
         except Exception as e:  # noqa: BLE001 - reported as a Failure, never raised
             return self._fail(e)
@@ -203,9 +224,7 @@ def _open_store(req: _layers.PredictRequest) -> Any:
         ) from None
     from pathlib import Path
 
-    shape = tuple(
-        s for d, s in enumerate(np.shape(req.data)) if req.axes[d] != "C" and s is not None
-    )
+    shape = tuple(s for a, s in zip(req.axes, np.shape(req.data), strict=True) if a != "C")
     chunks = tuple([1] * (len(shape) - 2) + [min(1024, shape[-2]), min(1024, shape[-1])])
     Path(req.out_path).parent.mkdir(parents=True, exist_ok=True)
     return zarr.open_array(req.out_path, mode="w", shape=shape, chunks=chunks, dtype="int32")
@@ -261,15 +280,6 @@ class TrainJob(Job):
         self.saved: Any = None
         self.save_error: str | None = None
         self.last: TrainProgress | None = None
-        self._stop = threading.Event()
-
-    def request_stop(self) -> None:
-        """Stop at the next yield (thread-safe); the worker then saves and returns."""
-        self._stop.set()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
 
     def run(self):
         try:
@@ -317,27 +327,13 @@ class TrainJob(Job):
                 return_probabilities=False,
                 num_threads=self.kwargs.get("num_threads"),
             )
-            relay = _relay(gen, lambda d, t: None)
-            self._inner.append(relay)
-            try:
-                while True:
-                    try:
-                        item = next(relay)
-                    except StopIteration as stop:
-                        pred = stop.value
-                        break
-                    yield item
-                    if self.stop_requested:
-                        return
-            finally:
-                relay.close()
-                if relay in self._inner:
-                    self._inner.remove(relay)
+            pred = yield from self._drive(_relay(gen, lambda d, t: None))
         except Exception as e:  # noqa: BLE001 - a failed preview must not stop the training
             logger.warning("napari-unet: preview disabled (%s)", user_message(e))
             self.preview_every = 0.0
             return
-        yield Preview(pred.labels)
+        if pred is not None:  # None: stopped
+            yield Preview(_layers.compact_labels(pred.labels))  # compacted here, not on the GUI
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -462,8 +458,6 @@ def start_prediction(
         if isinstance(result, Failure):
             on_error(result.message)
             return
-        from napari.utils.notifications import show_warning
-
         from ._session import session_for
 
         layers = []
@@ -475,7 +469,8 @@ def start_prediction(
                 layer = _layers.write_prediction(
                     viewer, req, pred, task_name, classes, probabilities
                 )
-                if isinstance(layer.data, np.ndarray):  # not a store on disk
+                # a copy to find the corrected slices later: stacks only (in memory)
+                if isinstance(layer.data, np.ndarray) and layer.data.ndim >= 3:
                     session_for(viewer).remember_prediction(layer, layer.data)
                 layers.append(layer)
         except Exception as e:  # noqa: BLE001 - shown, never raised into Qt

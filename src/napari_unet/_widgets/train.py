@@ -155,9 +155,10 @@ class TrainRun:
 class LossCurve(QWidget):
     """Loss per step (blue line, left scale) and validation F1 (orange dots, 0..1 right scale).
 
-    Painted with QPainter: a repaint costs well under a millisecond, so the curve never stalls
+    Painted with QPainter: a repaint of 1,000 steps costs ~2.7 ms, so the curve never stalls
     the event loop (a matplotlib canvas took ~180 ms per redraw here, the largest GUI stall
-    while training). Repaints are coalesced to at most 4 per second.
+    while training). :meth:`add` only records; the owner calls :meth:`draw_now` (the Train
+    widget does, with the progress bar, every ``UPDATE_MS``).
     """
 
     def __init__(self, parent: QWidget | None = None):
@@ -167,11 +168,6 @@ class LossCurve(QWidget):
         self.val_steps: list[int] = []
         self.vals: list[float] = []
         self.setMinimumHeight(120)
-        self._timer = QTimer(self)
-        self._timer.setSingleShot(True)
-        self._timer.setInterval(250)
-        self._timer.timeout.connect(self.draw_now)
-        self.autodraw = True  # False: the owner calls draw_now itself (batched repaints)
         self.draws = 0
 
     def clear(self) -> None:
@@ -188,11 +184,8 @@ class LossCurve(QWidget):
         if p.val_f1 is not None and (not self.vals or p.val_f1 != self.vals[-1] or p.done):
             self.val_steps.append(p.step)
             self.vals.append(float(p.val_f1))
-        if self.autodraw and not self._timer.isActive():
-            self._timer.start()
 
     def draw_now(self) -> None:
-        self._timer.stop()
         self.draws += 1
         self.update()
 
@@ -291,10 +284,10 @@ class TrainWidget(QWidget):
         self.previews_shown = 0  # previews drawn in the current/last training
         self._status_timer = QTimer(self)
         self._status_timer.setSingleShot(True)
-        # one repaint of the widget (bar, text and curve together) every 400 ms while training:
-        # every repaint of a widget re-composes the window with napari's OpenGL canvas, which
-        # costs CPU the training needs (measured: worker/main-thread throughput 0.87 -> see
-        # docs/benchmarks.md)
+        # one repaint of the widget (bar, text and curve together) every UPDATE_MS while
+        # training: every repaint of a widget re-composes the window with napari's OpenGL
+        # canvas, which costs CPU the training needs (worker/main-thread throughput 0.76 with a
+        # repaint per step, 0.98-0.99 batched: docs/benchmarks.md)
         self._status_timer.setInterval(UPDATE_MS)
         self._status_timer.timeout.connect(self._show_progress)
         self.last_progress: TrainProgress | None = None
@@ -387,7 +380,6 @@ class TrainWidget(QWidget):
         self.status_label = QLabel("idle")
         self.status_label.setWordWrap(True)
         self.curve = LossCurve()
-        self.curve.autodraw = False  # drawn with the progress bar (_show_progress)
         run_buttons = QHBoxLayout()
         run_buttons.addWidget(self.train_button)
         run_buttons.addWidget(self.stop_button)
@@ -705,7 +697,7 @@ class TrainWidget(QWidget):
         if self._closed or self._run is None or self._run.task.detached:
             return
         if isinstance(item, TrainProgress):
-            # every step goes to the curve; the bar and the text at most every 150 ms
+            # every step goes to the curve; bar, text and curve repaint every UPDATE_MS
             self.last_progress = item
             self.curve.add(item)
             if not self._status_timer.isActive():
@@ -723,7 +715,7 @@ class TrainWidget(QWidget):
         item = self.last_progress
         if self._closed or item is None or self.state.value != State.TRAINING:
             return
-        # one asynchronous repaint for both changes (see set_progress)
+        # one asynchronous repaint for the bar, the text and the curve (see set_progress)
         self.setUpdatesEnabled(False)
         try:
             self.progress.setValue(int(round(1000 * item.fraction)))
