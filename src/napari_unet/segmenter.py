@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import data, store
+from .config import ModelConfig, PredictOptions, TrainOptions, check_weights, source_name
 from .metrics import instance_f1
 from .model import UNet
 from .postprocess import (
@@ -182,34 +183,22 @@ class Segmenter:
             if task == "instance"
             else ["background"] + [f"class {k}" for k in range(1, num_classes)]
         )
-        config = {
-            "name": name,
-            "task": task,
-            "architecture": net.config(),
-            "classes": classes,
-            "normalization": {"method": "percentile", "low": 1.0, "high": 99.8},
-            "tile_shape": [512, 512] if ndim == 2 else [32, 128, 128],
-            "overlap": 32 if ndim == 2 else 16,
-            "postprocess": {"seed_threshold": 0.5, "foreground_threshold": 0.5, "min_size": None},
-            "created": _now(),
-            "trained_on": [],
-            "val_score": None,
-            "history": [],
-        }
-        return cls(net, config)
+        # every other field (normalisation, tiles, post-processing) takes config.py's default
+        config = ModelConfig.new(task, net.config(), classes, name=name, created=_now())
+        return cls(net, config.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Segmenter:
         """Load a model saved with :meth:`save` (a folder or a single ``.safetensors`` file)."""
-        state, config = store.load_model(path)
-        arch = config.get("architecture")
-        if not isinstance(arch, dict) or config.get("task") not in TASKS:
-            raise store.ModelFileError(
-                f"{path}: the config has no usable 'architecture'/'task'; it was not written by "
-                "Segmenter.save"
-            )
+        # the config is checked field by field, then the weights' shapes against its
+        # architecture, before the network is built (nothing big is allocated for a bad file)
+        src = source_name(path)
+        model_config = ModelConfig.from_dict(store.read_config(path), src)
+        state, _ = store.load_model(path)
+        check_weights(model_config.architecture, state, src)
+        config = model_config.to_dict()
         try:
-            net = UNet(**arch)
+            net = UNet(**config["architecture"])
             net.load_state_dict(state, strict=True)
         except (TypeError, RuntimeError, ValueError) as e:
             raise store.ModelFileError(
@@ -242,6 +231,11 @@ class Segmenter:
     @property
     def task(self) -> str:
         return self.config["task"]
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The config as a typed, validated :class:`~napari_unet.config.ModelConfig`."""
+        return ModelConfig.from_dict(self.config, f"the config of {self.config.get('name')!r}")
 
     @property
     def in_channels(self) -> int:
@@ -410,6 +404,15 @@ class Segmenter:
         The :class:`Prediction` is the generator's return value.
         """
         t0 = time.perf_counter()
+        PredictOptions.checked(
+            self,
+            tile_shape=tile_shape,
+            overlap=overlap,
+            batch_size=batch_size,
+            channel=channel,
+            num_threads=num_threads,
+            return_probabilities=return_probabilities,
+        )
         image, axes = _stack_frames(image, axes)
         canon, axes = self._canonical(image, axes, channel)
         keep = [a for a in axes if a != "C"]
@@ -615,6 +618,21 @@ class Segmenter:
         TrainProgress
             step, epoch, loss, seconds, val_f1 ...; the last event has ``done=True``.
         """
+        TrainOptions.checked(
+            self.ndim,
+            inputs=(images, labels, masks),
+            axes=axes,
+            time_limit_s=time_limit_s,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            patch_shape=patch_shape,
+            val_fraction=val_fraction,
+            augment=augment,
+            seed=seed,
+            num_threads=num_threads,
+            channel=channel,
+        )
         imgs, labs = _as_list(images), _as_list(labels)
         msks = _as_list(masks) if masks is not None else [None] * len(imgs)
         if not imgs:

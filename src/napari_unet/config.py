@@ -1,0 +1,619 @@
+"""Typed, validated model config and training/prediction options.
+
+A model's ``config.json`` (or the config in a single-file model's metadata) is read into a
+:class:`ModelConfig` before anything else happens: before a tensor is allocated and before the
+weights' shapes are matched against the architecture. Every field is type- and bound-checked,
+unknown keys (typos) are refused, and every failure is a :class:`~napari_unet.store.ModelFileError`
+that names the file and the field (``.../config.json: field 'postprocess.seed_threshold': must
+be a number, not 'high'``).
+
+``Segmenter.config`` stays a plain dict: the normalised ``ModelConfig.from_dict(raw).to_dict()``
+(every field present, defaults filled in). ``Segmenter.model_config`` is the typed object.
+
+Adding a field
+--------------
+One line in the dataclass that owns it, e.g. in :class:`Postprocess`::
+
+    min_seed_size: int | None = opt(None, lo=0)
+
+The annotation gives the type (``int``, ``float``, ``str``, ``bool``, ``X | None``,
+``list[X]``, ``tuple[X, ...]``, ``dict``, or another of these dataclasses), :func:`opt` gives
+the default (the only place it is written) and the bounds (``lo``/``hi``, ``lo_open``/``hi_open``
+for strict bounds, ``choices``). Conversion, checking, ``to_dict`` and the error messages follow.
+Cross-field rules (tile shape against ``ndim``, ...) live in the ``_check`` method of the class.
+A change that old files cannot satisfy needs a ``format_version`` bump and an entry in
+:data:`MIGRATIONS` (a function from the old dict to the new one).
+
+Format versions
+---------------
+Files written today are ``format_version`` 1 (the shipped ``nuclei`` starter is one). Version 1
+had no schema; reading one through :meth:`ModelConfig.from_dict` fills the optional fields it
+lacks with their defaults. :data:`MIGRATIONS` maps a version to the function that lifts a dict
+of that version to the next; it is empty while 1 is the current version.
+
+History entries are the one lenient part: they are a log written by the program, so a key this
+version does not know is kept as it is (and type-checked keys are still checked) rather than
+refusing to open a model over a log line.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Union
+
+__all__ = [
+    "Architecture",
+    "ConfigError",
+    "HistoryEntry",
+    "MAX_VAL_FRACTION",
+    "MIGRATIONS",
+    "ModelConfig",
+    "Normalization",
+    "Postprocess",
+    "PredictOptions",
+    "TrainOptions",
+    "check_training_shapes",
+    "opt",
+]
+
+CURRENT_FORMAT_VERSION = 1
+FORMAT = "napari-unet"
+#: Largest hold-out fraction for validation, shared by ``finetune`` and ``--val`` in the CLI.
+MAX_VAL_FRACTION = 0.5
+#: Largest nesting of the free dicts (``model_card``); deeper JSON is refused.
+MAX_NESTING = 32
+#: ``format_version`` -> function lifting a config dict of that version to the next one.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+class ConfigError(ValueError):
+    """A field of a config or an option with a bad value; ``field`` is its dotted name."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"field '{field_name}': {message}")
+        self.field = field_name
+        self.reason = message
+
+
+def opt(
+    default: Any = MISSING,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    choices: Sequence[Any] | None = None,
+) -> Any:
+    """A dataclass field with its default and bounds (see the module docstring)."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "true/false", int: "a number", float: "a number", str: "text"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    """Whether ``value`` (JSON-like) nests at most ``limit`` deep (iterative, no recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list, tuple)):
+            if d >= limit:
+                return False
+            items = v.values() if isinstance(v, dict) else v
+            stack.extend((x, d + 1) for x in items)
+    return True
+
+
+def _bounds(value: float, meta: dict, name: str) -> None:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        raise ConfigError(name, f"must be {'>' if meta.get('lo_open') else '>='} {lo}, not {value}")
+    if hi is not None and (value >= hi if meta.get("hi_open") else value > hi):
+        raise ConfigError(name, f"must be {'<' if meta.get('hi_open') else '<='} {hi}, not {value}")
+
+
+def _convert(value: Any, tp: Any, meta: dict, name: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and the bounds in ``meta``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None and len(inner) < len(args):
+            return None
+        return _convert(value, inner[0] if len(inner) == 1 else Union[tuple(inner)], meta, name)
+    if value is None:
+        raise ConfigError(name, "is required (got null)")
+    if dataclasses.is_dataclass(tp):
+        return tp._from(value, name)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"must be true or false, not {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, f"must be a whole number, not {_kind(value)} ({value!r})")
+        _bounds(value, meta, name)
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, f"must be a number, not {_kind(value)} ({value!r})")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(name, f"must be a finite number, not {value}")
+        _bounds(value, meta, name)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, f"must be text, not {_kind(value)} ({value!r})")
+    elif origin in (list, tuple):
+        if isinstance(value, (str, bytes, dict)) or not isinstance(value, Sequence):
+            raise ConfigError(name, f"must be a list, not {_kind(value)} ({value!r})")
+        item_tp = args[0] if args else Any
+        out = [_convert(v, item_tp, meta, f"{name}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    elif tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"must be a JSON object, not {_kind(value)}")
+        if not _depth_ok(value, MAX_NESTING):
+            raise ConfigError(name, f"is nested more than {MAX_NESTING} levels deep")
+        return copy.deepcopy(value)
+    else:  # pragma: no cover - a field annotated with a type this module does not handle
+        raise TypeError(f"config field {name} has an unsupported annotation {tp!r}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        shown = " | ".join(repr(c) for c in choices)
+        raise ConfigError(name, f"must be one of {shown}, not {value!r}")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return value.to_dict()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return copy.deepcopy(value)
+    return value
+
+
+class _Section:
+    """Shared ``from_dict`` / ``to_dict`` of the config dataclasses."""
+
+    #: Keep keys this version does not know (history entries) instead of refusing them.
+    _lenient: ClassVar[bool] = False
+
+    @classmethod
+    def _from(cls, raw: Any, prefix: str = ""):
+        where = prefix or "config"
+        if not isinstance(raw, dict):
+            raise ConfigError(where, f"must be a JSON object, not {_kind(raw)} ({raw!r:.60})")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
+        unknown = [k for k in raw if k not in fields]
+        if unknown and not cls._lenient:
+            known = ", ".join(fields)
+            key = unknown[0]
+            raise ConfigError(
+                f"{prefix}.{key}" if prefix else str(key),
+                f"is not a known field (a typo?); known fields here: {known}",
+            )
+        values = {}
+        for name, f in fields.items():
+            full = f"{prefix}.{name}" if prefix else name
+            if name not in raw:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise ConfigError(full, "is missing")
+                continue
+            values[name] = _convert(raw[name], hints[name], dict(f.metadata), full)
+        obj = cls(**values)
+        if cls._lenient:
+            obj.extra = {k: copy.deepcopy(raw[k]) for k in unknown}
+        obj._check(prefix)
+        return obj
+
+    def _check(self, prefix: str) -> None:
+        """Cross-field rules (overridden where there are some)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (defaults filled in), in declaration order."""
+        out = {
+            f.name: _plain(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "extra"
+        }
+        out.update(copy.deepcopy(getattr(self, "extra", None) or {}))
+        return out
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# --------------------------------------------------------------------------- model config
+
+
+@dataclass(kw_only=True)
+class Architecture(_Section):
+    """The U-Net's constructor arguments (:class:`napari_unet.model.UNet`)."""
+
+    in_channels: int = opt(lo=1, hi=4096)
+    out_channels: int = opt(lo=1, hi=4096)
+    base_channels: int = opt(16, lo=1, hi=1024)
+    depth: int = opt(3, lo=1, hi=10)
+    ndim: int = opt(2, choices=(2, 3))
+    up_mode: str = opt("transpose", choices=("transpose", "interp"))
+    dropout: float = opt(0.0, lo=0.0, hi=1.0, hi_open=True)
+    pad_mode: str = opt("reflect", choices=("reflect", "zeros"))
+
+    @property
+    def divisor(self) -> int:
+        return 2**self.depth
+
+
+@dataclass(kw_only=True)
+class Normalization(_Section):
+    """Per-channel percentile normalisation of the input."""
+
+    method: str = opt("percentile", choices=("percentile",))
+    low: float = opt(1.0, lo=0.0, hi=100.0)
+    high: float = opt(99.8, lo=0.0, hi=100.0)
+
+    def _check(self, prefix: str) -> None:
+        if self.low >= self.high:
+            raise ConfigError(
+                _join(prefix, "low"), f"must be below 'high' ({self.high}), not {self.low}"
+            )
+
+
+@dataclass(kw_only=True)
+class Postprocess(_Section):
+    """Probabilities -> labels."""
+
+    seed_threshold: float = opt(0.5, lo=0.0, hi=1.0)
+    foreground_threshold: float = opt(0.5, lo=0.0, hi=1.0)
+    min_size: int | None = opt(None, lo=0)
+    min_seed_size: int | None = opt(None, lo=0)
+    assembly: str | None = opt(None, choices=("2d-linked", "3d"))
+
+
+@dataclass(kw_only=True)
+class HistoryEntry(_Section):
+    """One fine-tuning run (keys this version does not know are kept as they are)."""
+
+    _lenient: ClassVar[bool] = True
+
+    started: str | None = opt(None)
+    finished: str | None = opt(None)
+    steps: int = opt(0, lo=0)
+    seconds: float = opt(0.0, lo=0.0)
+    final_loss: float | None = opt(None)
+    val_f1: float | None = opt(None, lo=0.0, hi=1.0)
+    stopped: str | None = opt(None)
+    trained_on: list[str] = opt([])
+    objects: int | None = opt(None, lo=0)
+    lr: float | None = opt(None, lo=0.0, lo_open=True)
+    patch_shape: list[int] | None = opt(None, lo=1)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def default_tiles(ndim: int) -> tuple[list[int], int]:
+    """Default ``(tile_shape, overlap)`` of a new model with ``ndim`` spatial axes."""
+    return ([512, 512], 32) if ndim == 2 else ([32, 128, 128], 16)
+
+
+@dataclass(kw_only=True)
+class ModelConfig(_Section):
+    """A napari-unet model's config (``config.json``), checked field by field."""
+
+    format: str = opt(FORMAT, choices=(FORMAT,))
+    format_version: int = opt(CURRENT_FORMAT_VERSION, lo=1, hi=CURRENT_FORMAT_VERSION)
+    name: str = opt("untitled")
+    task: str = opt(choices=("instance", "semantic"))
+    architecture: Architecture = opt()
+    classes: list[str] | None = opt(None)
+    normalization: Normalization = field(default_factory=Normalization)
+    tile_shape: list[int] = opt(lo=1, hi=1_000_000)
+    overlap: int = opt(lo=0)
+    postprocess: Postprocess = field(default_factory=Postprocess)
+    diameter: float | None = opt(None, lo=0.0, lo_open=True)
+    created: str | None = opt(None)
+    trained_on: list[str] = opt([])
+    val_score: float | None = opt(None)
+    history: list[HistoryEntry] = opt([])
+    rolled_back_from: int | None = opt(None, lo=1)
+    model_card: dict[str, Any] | None = opt(None)
+
+    def _check(self, prefix: str) -> None:
+        arch = self.architecture
+        if self.task == "instance" and arch.out_channels != 3:
+            raise ConfigError(
+                "architecture.out_channels",
+                f"an instance model has 3 outputs (background, interior, boundary), "
+                f"not {arch.out_channels}",
+            )
+        if self.task == "semantic" and arch.out_channels < 2:
+            raise ConfigError("architecture.out_channels", "a semantic model needs >= 2 classes")
+        if self.classes is not None and len(self.classes) != arch.out_channels:
+            raise ConfigError(
+                "classes",
+                f"has {len(self.classes)} names but the network has {arch.out_channels} outputs",
+            )
+        if len(self.tile_shape) != arch.ndim:
+            raise ConfigError(
+                "tile_shape",
+                f"has {len(self.tile_shape)} values but the network is {arch.ndim}D",
+            )
+        small = [t for t in self.tile_shape if t < arch.divisor]
+        if small:
+            raise ConfigError(
+                "tile_shape",
+                f"{small[0]} is smaller than the network's divisor 2**depth = {arch.divisor}",
+            )
+        if self.overlap >= min(self.tile_shape):
+            raise ConfigError(
+                "overlap", f"{self.overlap} must be smaller than the tiles {self.tile_shape}"
+            )
+
+    # ---------------------------------------------------------------- conversions
+    @classmethod
+    def from_dict(cls, raw: Any, source: Any = None) -> ModelConfig:
+        """Check and convert a parsed config; old format versions are migrated first.
+
+        Raises
+        ------
+        ModelFileError
+            Naming ``source`` (the file) and the field.
+        """
+        try:
+            if isinstance(raw, dict):
+                raw = _migrate(raw)
+            return cls._from(raw)
+        except ConfigError as e:
+            from .store import ModelFileError
+
+            where = f"{source}" if source is not None else "model config"
+            raise ModelFileError(
+                f"{where}: {e}. The model config is damaged or was edited by hand; fix that "
+                "field or re-save the model with napari-unet."
+            ) from None
+
+    @classmethod
+    def from_json(cls, text: str, source: Any = None) -> ModelConfig:
+        """Parse JSON text (deep nesting is a ``ModelFileError``, not a ``RecursionError``)."""
+        from .store import ModelFileError
+
+        try:
+            raw = json.loads(text)
+        except RecursionError:
+            raise ModelFileError(f"{source}: the config JSON is nested too deeply") from None
+        except ValueError as e:
+            raise ModelFileError(f"{source}: the config is not valid JSON ({e})") from None
+        return cls.from_dict(raw, source)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def new(cls, task: str, architecture: dict, classes: list[str], **fields: Any) -> ModelConfig:
+        """The config of a new, untrained model (tile defaults from :func:`default_tiles`)."""
+        tile, overlap = default_tiles(int(architecture.get("ndim", 2)))
+        raw = {"task": task, "architecture": architecture, "classes": classes}
+        raw.update(tile_shape=tile, overlap=overlap, **fields)
+        try:
+            return cls._from(raw)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
+
+def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    version = raw.get("format_version", CURRENT_FORMAT_VERSION)
+    if isinstance(version, int) and not isinstance(version, bool):
+        while version in MIGRATIONS:
+            raw = MIGRATIONS[version](dict(raw))
+            version += 1
+            raw["format_version"] = version
+    return raw
+
+
+def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes of the network ``arch`` describes, allocating nothing.
+
+    The network is built on torch's ``meta`` device (no memory); the bounds checked by
+    :class:`Architecture` keep that quick.
+    """
+    import torch
+
+    from .model import UNet
+
+    with torch.device("meta"):
+        net = UNet(**dataclasses.asdict(arch))
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def check_weights(arch: Architecture, state: dict[str, Any], source: Any) -> None:
+    """Refuse weights whose names or shapes differ from the architecture (before building it)."""
+    from .store import ModelFileError
+
+    want = expected_shapes(arch)
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    missing = [k for k in want if k not in have]
+    extra = [k for k in have if k not in want]
+    wrong = [k for k in want if k in have and want[k] != have[k]]
+    if missing or extra or wrong:
+        parts = []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"tensor {k!r} has shape {have[k]}, the architecture needs {want[k]}")
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) missing (e.g. {missing[0]!r})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected tensor(s) (e.g. {extra[0]!r})")
+        raise ModelFileError(
+            f"{source}: the weights do not fit field 'architecture' of its config: "
+            + "; ".join(parts)
+        )
+
+
+# --------------------------------------------------------------------------- options
+
+
+class _Options(_Section):
+    """Public-function parameters checked with the config machinery; errors name them."""
+
+    _function: ClassVar[str] = ""
+
+    @classmethod
+    def _checked(cls, values: dict[str, Any], ndim: int):
+        try:
+            obj = cls._from({k: v for k, v in values.items() if v is not None})
+            obj._check_ndim(ndim)
+            return obj
+        except ConfigError as e:
+            raise ValueError(f"{cls._function}: {e.field} {e.reason}") from None
+
+    def _check_ndim(self, ndim: int) -> None:
+        """Rules that need the network's number of spatial axes."""
+
+
+@dataclass(kw_only=True)
+class TrainOptions(_Options):
+    """The options of :meth:`Segmenter.finetune`, checked before any data is read."""
+
+    _function: ClassVar[str] = "finetune"
+
+    time_limit_s: float | None = opt(None, lo=0.0, lo_open=True)
+    steps: int | None = opt(None, lo=1)
+    lr: float | None = opt(None, lo=0.0, lo_open=True, hi=10.0)
+    batch_size: int | None = opt(None, lo=1, hi=4096)
+    patch_shape: tuple[int, ...] | None = opt(None, lo=1, hi=1_000_000)
+    val_fraction: float = opt(0.0, lo=0.0, hi=MAX_VAL_FRACTION, hi_open=True)
+    augment: bool = opt(True)
+    seed: int | None = opt(None)
+    num_threads: int | None = opt(None, lo=1)
+    channel: int | None = opt(None, lo=0)
+
+    def _check(self, prefix: str) -> None:
+        if self.time_limit_s is None and self.steps is None:
+            raise ConfigError(
+                "time_limit_s", "or steps: give a time limit or a number of steps, or both"
+            )
+
+    def _check_ndim(self, ndim: int) -> None:
+        if self.patch_shape is not None and len(self.patch_shape) != ndim:
+            raise ConfigError(
+                "patch_shape", f"must have {ndim} values for a {ndim}D model, not {self.patch_shape}"
+            )
+
+    @classmethod
+    def checked(
+        cls,
+        ndim: int = 2,
+        inputs: tuple[Any, Any, Any] | None = None,
+        axes: str | None = None,
+        **values: Any,
+    ) -> TrainOptions:
+        """Check ``finetune``'s parameters, and with ``inputs=(images, labels, masks)`` their
+        shapes (from ``.shape`` only: nothing is read). Raises ``ValueError`` naming the
+        parameter."""
+        opts = cls._checked(values, ndim)
+        if inputs is not None:
+            check_training_shapes(*inputs, axes=axes, channel=opts.channel)
+        return opts
+
+
+@dataclass(kw_only=True)
+class PredictOptions(_Options):
+    """The tiling options of :meth:`Segmenter.predict`."""
+
+    _function: ClassVar[str] = "predict"
+
+    tile_shape: tuple[int, ...] = opt(lo=1, hi=1_000_000)
+    #: None: the model's overlap, shrunk to fit tiles smaller than the model's own
+    overlap: int | None = opt(None, lo=0)
+    batch_size: int | None = opt(None, lo=1, hi=4096)
+    channel: int | None = opt(None, lo=0)
+    num_threads: int | None = opt(None, lo=1)
+    return_probabilities: bool | None = opt(None)
+
+    def _check_ndim(self, ndim: int) -> None:
+        if len(self.tile_shape) != ndim:
+            raise ConfigError(
+                "tile_shape", f"must have {ndim} values for a {ndim}D model, not {self.tile_shape}"
+            )
+        if self.overlap is not None and self.overlap >= min(self.tile_shape):
+            raise ConfigError(
+                "overlap", f"({self.overlap}) must be smaller than the tiles {self.tile_shape}"
+            )
+
+    @classmethod
+    def checked(cls, seg: Any, **values: Any) -> PredictOptions:
+        """Check ``predict``'s parameters; the tile shape defaults to the model's."""
+        if values.get("tile_shape") is None:
+            values["tile_shape"] = seg.config["tile_shape"]
+        return cls._checked(values, seg.ndim)
+
+
+def _shape_of(x: Any) -> tuple[int, ...]:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return tuple(int(s) for s in x.shape)
+    import numpy as np
+
+    return tuple(np.shape(x))
+
+
+def check_training_shapes(
+    images: Any, labels: Any, masks: Any = None, axes: str | None = None, channel=None
+) -> None:
+    """Refuse images, labels and masks whose shapes disagree, reading only ``.shape``.
+
+    A huge lazy image with mismatched labels is refused before any of it is loaded.
+    """
+    from . import data
+
+    def as_list(x: Any) -> list:
+        return list(x) if isinstance(x, (list, tuple)) else [x]
+
+    imgs, labs = as_list(images), as_list(labels)
+    msks = as_list(masks) if masks is not None else [None] * len(imgs)
+    if len(imgs) != len(labs) or len(msks) != len(imgs):
+        return  # finetune reports the counts itself
+    for i, (img, lab, msk) in enumerate(zip(imgs, labs, msks, strict=True)):
+        shape = _shape_of(img)
+        try:
+            ax = data.validate_axes(axes, len(shape), shape) if axes else data.guess_axes(shape)
+        except ValueError:
+            continue  # finetune reports bad axes with its own message
+        spatial = tuple(s for a, s in zip(ax, shape, strict=True) if a != "C")
+        for what, arr in (("labels", lab), ("mask", msk)):
+            if arr is not None and _shape_of(arr) != spatial:
+                raise ValueError(
+                    f"finetune: image {i} has spatial shape {spatial} (axes {ax!r}) but its "
+                    f"{what} have shape {_shape_of(arr)}; they must match pixel for pixel"
+                )
+
+
+def source_name(path: Any) -> str:
+    """How a model path is named in messages (its config file when there is one)."""
+    p = Path(path)
+    return str(p / "config.json") if p.is_dir() and (p / "config.json").is_file() else str(p)
