@@ -189,7 +189,12 @@ class Segmenter:
 
     @classmethod
     def load(cls, path: str | Path) -> Segmenter:
-        """Load a model saved with :meth:`save` (a folder or a single ``.safetensors`` file)."""
+        """Load a model saved with :meth:`save` (a folder or a single ``.safetensors`` file),
+        or a bioimage.io package (``.zip``) made by :func:`napari_unet.bioimageio.export_package`."""
+        from . import bioimageio
+
+        if bioimageio.is_package(path):
+            return bioimageio.import_package(path)
         # the config is checked field by field, then the weights' shapes against its
         # architecture, before the network is built (nothing big is allocated for a bad file)
         src = source_name(path)
