@@ -18,7 +18,11 @@ Single-file form (for sharing)
 
 All writes are atomic: data goes to a temporary file (or folder) next to the
 target, is flushed and fsynced, then moved into place with ``os.replace`` /
-``os.rename``. A crash mid-write leaves the previous model intact.
+``os.rename``. A crash mid-write leaves the previous model intact. A model folder is
+replaced as a whole (:func:`napari_unet.fileio.replace_folder`: a new folder is written
+next to it and swapped in); a crash between the two renames of the swap is undone on the
+next load or save (:func:`napari_unet.fileio.recover`), and each save sweeps the hidden
+temp files crashed saves left behind.
 
 The :class:`ModelRegistry` keeps named, versioned models under a root folder
 (``<root>/<name>/v0001``, ``v0002``...); see :func:`default_root`.
@@ -43,6 +47,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
+
+from . import fileio
 
 if TYPE_CHECKING:
     import torch
@@ -101,6 +107,8 @@ _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {
 }
 _FORBIDDEN_NAME_CHARS = set('<>:"/\\|?*')
 _MAX_NAME_LENGTH = 100
+#: A registry's half-written version older than this is a crashed save's, and is swept.
+_STALE_PARTIAL_S = 600.0
 
 
 class ModelFileError(ValueError):
@@ -300,6 +308,7 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
         If the file is a pickle checkpoint, or is truncated or corrupt.
     """
     try:
+        fileio.check_regular_file(path)  # a named pipe would block open() forever
         size = path.stat().st_size
         with open(path, "rb") as fh:
             head = fh.read(8)
@@ -319,7 +328,7 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
         raise ModelFileError(f"cannot read {path}: {exc}") from exc
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         if _looks_like_pickle(path, head):
             raise ModelFileError(_pickle_message(path)) from None
         raise _corrupt(path, "its header is not valid JSON") from None
@@ -412,6 +421,7 @@ def _check_config(config: Any, source: Path) -> dict[str, Any]:
 
 def _read_config_json(path: Path) -> dict[str, Any]:
     try:
+        fileio.check_regular_file(path)
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise ModelFileError(
@@ -422,9 +432,10 @@ def _read_config_json(path: Path) -> dict[str, Any]:
         raise ModelFileError(f"cannot read {path}: {exc}") from exc
     try:
         config = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
+        why = "it is nested too deeply" if isinstance(exc, RecursionError) else exc
         raise ModelFileError(
-            f"{path} is not valid JSON ({exc}); the model config is corrupt. Copy the model "
+            f"{path} is not valid JSON ({why}); the model config is corrupt. Copy the model "
             "again or re-save it."
         ) from None
     return _check_config(config, path)
@@ -440,7 +451,7 @@ def _config_from_metadata(path: Path, metadata: dict[str, str]) -> dict[str, Any
         )
     try:
         config = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ModelFileError(
             f"{path} has a napari-unet config that is not valid JSON ({exc}); the file is "
             "corrupt. Copy the model again or re-save it."
@@ -460,6 +471,9 @@ class _Resolved:
 def _resolve(path: PathLike) -> _Resolved:
     """Work out which model a user-given path refers to, refusing bad inputs early."""
     p = Path(path).expanduser()
+    if not p.exists():
+        # a save killed between the two renames of its folder swap: the old model is whole
+        p = fileio.recover(p, _is_model_folder) or p
     if not p.exists():
         raise ModelFileError(
             f"no model at {p}: the path does not exist. Check the spelling or pick the "
@@ -623,10 +637,15 @@ def save_model(path: PathLike, state_dict: dict[str, torch.Tensor], config: dict
     return target
 
 
+def _is_model_folder(folder: Path) -> bool:
+    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
+
+
 def _save_single_file(target: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> None:
     if target.is_dir():
         raise ValueError(f"cannot write the model file {target}: a folder with that name exists")
     target.parent.mkdir(parents=True, exist_ok=True)
+    fileio.sweep(target)
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -657,6 +676,10 @@ def _save_folder(target: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, 
             f"cannot write a model folder at {target}: a file with that name exists. To write a "
             "single-file model give a path ending in .safetensors."
         )
+    if target.is_symlink():
+        target = target.resolve()  # swap the folder the link points to, keep the link
+    if target.parent.is_dir():
+        fileio.sweep(target)  # first puts back a model a crashed swap left aside
     if not target.exists():
         # fresh target: build the whole folder privately, then rename it into place
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -684,6 +707,10 @@ def _save_folder(target: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, 
                 f"will not overwrite {cfg_path}: it is not a napari-unet config. Save the model "
                 "to another folder."
             )
+    if _swap_folder(target, tensors, cfg):
+        return
+    # a folder holding other files, or a parent we cannot write to: the two files are
+    # replaced in place, each atomically, the old weights kept aside until both are in
     tmp_w = _mkstemp_path(target, ".weights.")
     tmp_c = _mkstemp_path(target, ".config.")
     backup: Path | None = None
@@ -714,6 +741,32 @@ def _save_folder(target: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, 
         _unlink_quietly(tmp_w)
         _unlink_quietly(tmp_c)
         _unlink_quietly(backup)
+
+
+def _swap_folder(target: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> bool:
+    """Write the model into a new folder next to ``target`` and swap it in as a whole.
+
+    Returns False (nothing done) when ``target`` holds files other than a model's, which a
+    swap would move away, or when its parent cannot be written to.
+    """
+    try:
+        others = [e.name for e in target.iterdir() if e.name not in (CONFIG_NAME, WEIGHTS_NAME)]
+    except OSError:
+        return False
+    if others:
+        return False
+    try:
+        new = _mkdtemp_path(target.parent, f".{target.name}.new-", ".tmp")
+    except OSError:
+        return False
+    try:
+        _write_folder_contents(new, tensors, cfg)
+        fileio.replace_folder(target, new)
+        new = None
+    finally:
+        if new is not None:
+            shutil.rmtree(new, ignore_errors=True)
+    return True
 
 
 # --------------------------------------------------------------------------- registry
@@ -942,6 +995,8 @@ class ModelRegistry:
         cfg = _prepare_config(config)
         cfg["created"] = _now_iso()
         model_dir.mkdir(parents=True, exist_ok=True)
+        # versions half-written by crashed saves (old enough not to be another writer's)
+        fileio.sweep_older(model_dir.glob(".tmp-*.partial"), _STALE_PARTIAL_S)
         tmpdir = _mkdtemp_path(model_dir, ".tmp-", ".partial")
         try:
             _write_folder_contents(tmpdir, tensors, cfg)
