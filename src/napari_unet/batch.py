@@ -1,0 +1,444 @@
+"""Batch prediction on dask.distributed: many files, or the frames of one big array.
+
+The same code runs on a laptop (a ``LocalCluster`` of worker processes), on a running cluster
+(``scheduler="tcp://HOST:PORT"``) or on Slurm (dask-jobqueue's ``SLURMCluster``):
+
+- the model travels once to each worker, as data (safetensors bytes + its JSON config,
+  broadcast with ``Client.scatter``), and each worker builds it once and keeps it;
+- each worker limits torch to ``threads_per_worker`` threads (no oversubscription);
+- a failed task is retried once (``retries``), on any worker; a file whose prediction fails
+  twice is reported in :attr:`BatchResult.failed` and skipped while the others finish; a
+  worker that dies takes no file with it: the scheduler runs its tasks elsewhere;
+- outputs are those of a local run, file for file (each file is predicted exactly as
+  ``napari-unet predict`` does it in one process) and are written atomically next to no
+  existing result unless ``overwrite``.
+
+Workers read the input files and write the outputs themselves, so on a real cluster the input
+and output folders must be on a file system every node sees (as on any Slurm cluster).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .segmenter import Segmenter
+
+__all__ = [
+    "BatchError",
+    "BatchResult",
+    "connect",
+    "output_path",
+    "predict_array",
+    "predict_files",
+]
+
+Progress = Callable[[int, int, str], None]
+
+# worker side: models built on this process, by digest (each worker builds a model once)
+_MODELS: dict[str, Segmenter] = {}
+BUILDS = {"count": 0}
+
+
+class BatchError(ValueError):
+    """A batch that cannot start (no scheduler, a bad option, dask missing)."""
+
+
+@dataclass
+class BatchResult:
+    """What a batch did: outputs written, files skipped (results there already), failures."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    workers: int = 0
+    summaries: dict[str, str] = field(default_factory=dict)
+
+
+# ============================================================================ model as data
+
+
+def model_bytes(seg: Segmenter) -> tuple[bytes, str, str]:
+    """``(safetensors bytes, config JSON, digest)``: the model as plain data for the workers."""
+    from safetensors.torch import save as st_save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in seg.net.state_dict().items()}
+    weights = st_save(state)
+    config = json.dumps(seg.config, default=str)
+    digest = hashlib.sha256(weights + config.encode()).hexdigest()[:16]
+    return weights, config, digest
+
+
+def _model_on_worker(payload: tuple[bytes, str, str], threads: int | None) -> Segmenter:
+    import torch
+
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    weights, config, digest = payload
+    seg = _MODELS.get(digest)
+    if seg is None:
+        from safetensors.torch import load as st_load
+
+        from .model import UNet
+        from .segmenter import Segmenter
+
+        cfg = json.loads(config)
+        net = UNet(**cfg["architecture"])
+        net.load_state_dict(st_load(weights), strict=True)
+        seg = _MODELS[digest] = Segmenter(net, cfg)
+        BUILDS["count"] += 1
+    return seg
+
+
+# ============================================================================ clusters
+
+
+def connect(
+    scheduler: str | None = None,
+    *,
+    cluster: str = "local",
+    n_workers: int | None = None,
+    threads_per_worker: int = 1,
+    memory_limit: str | None = None,
+    slurm: dict[str, Any] | None = None,
+    timeout: float = 10.0,
+):
+    """A ``distributed.Client`` (and the cluster it started, or None), as a context manager.
+
+    Parameters
+    ----------
+    scheduler
+        ``tcp://HOST:PORT`` of a running scheduler (``dask scheduler``); a scheduler that does
+        not answer within ``timeout`` seconds is a :class:`BatchError`.
+    cluster
+        Without ``scheduler``: ``"local"`` (a ``LocalCluster`` of ``n_workers`` processes with
+        ``threads_per_worker`` threads each) or ``"slurm"`` (dask-jobqueue's ``SLURMCluster``;
+        ``slurm`` holds its options: ``queue``, ``cores``, ``memory``, ``walltime``, ``jobs``;
+        missing ones come from the dask config file, ``jobqueue.slurm``).
+    """
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise BatchError(
+            "batch prediction on a cluster needs dask.distributed: pip install distributed"
+        ) from None
+
+    @contextlib.contextmanager
+    def ctx() -> Iterator[Any]:
+        if scheduler:
+            if not str(scheduler).startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+                raise BatchError(
+                    f"--scheduler {scheduler!r} is not an address like tcp://HOST:PORT"
+                )
+            try:
+                client = Client(scheduler, timeout=timeout)
+            except (OSError, TimeoutError) as e:
+                raise BatchError(
+                    f"no dask scheduler answered at {scheduler} within {timeout:g} s ({e}); "
+                    "is 'dask scheduler' running there and the port open?"
+                ) from None
+            with client:
+                yield client
+            return
+        if cluster == "local":
+            n = n_workers or max(1, min(4, (os.cpu_count() or 2) // max(1, threads_per_worker)))
+            kw: dict[str, Any] = {"memory_limit": memory_limit} if memory_limit else {}
+            with (
+                LocalCluster(
+                    n_workers=n,
+                    threads_per_worker=threads_per_worker,
+                    processes=True,
+                    dashboard_address=None,
+                    **kw,
+                ) as lc,
+                Client(lc) as client,
+            ):
+                yield client
+            return
+        if cluster == "slurm":
+            try:
+                from dask_jobqueue import SLURMCluster
+            except ImportError:
+                raise BatchError(
+                    "--cluster slurm needs dask-jobqueue: pip install dask-jobqueue"
+                ) from None
+            opts = dict(slurm or {})
+            jobs = int(opts.pop("jobs", 1) or 1)
+            opts = {k: v for k, v in opts.items() if v is not None}
+            with SLURMCluster(**opts) as sc:
+                sc.scale(jobs=jobs)
+                with Client(sc) as client:
+                    yield client
+            return
+        raise BatchError(f"cluster must be 'local' or 'slurm', not {cluster!r}")
+
+    return ctx()
+
+
+# ============================================================================ files
+
+
+def output_path(out_dir: Path, image: Path) -> Path:
+    """Where the labels of ``image`` go: ``OUTDIR/<stem>_labels.tif`` (as ``napari-unet predict``)."""
+    from .cli import _stem
+
+    return Path(out_dir) / f"{_stem(Path(image))}_labels.tif"
+
+
+def _predict_file(
+    payload: tuple[bytes, str, str],
+    image: str,
+    out: str,
+    axes: str | None,
+    threads: int | None,
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """On a worker: read one TIFF, predict it, write its labels atomically."""
+    from .cli import _describe, _image_axes, _label_dtype, read_tiff, write_tiff
+
+    seg = _model_on_worker(payload, threads)
+    t0 = time.perf_counter()
+    arr, meta_axes = read_tiff(image, "image")
+    ax = _image_axes(arr, meta_axes, axes, Path(image))
+    pred = seg.predict(arr, ax, **kwargs)
+    labels = pred.labels.astype(_label_dtype(pred.labels))
+    target = Path(out)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        write_tiff(tmp, labels, pred.axes)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {
+        "image": image,
+        "out": out,
+        "summary": _describe(seg, pred.labels),
+        "seconds": time.perf_counter() - t0,
+        "worker": os.getpid(),
+    }
+
+
+def predict_files(
+    model: Segmenter,
+    images: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    client: Any = None,
+    axes: str | None = None,
+    overwrite: bool = False,
+    retries: int = 1,
+    threads_per_worker: int | None = 1,
+    progress: Progress | None = None,
+    **predict_kwargs: Any,
+) -> BatchResult:
+    """Predict many TIFF files on a dask cluster; labels go to ``OUTDIR/<stem>_labels.tif``.
+
+    Parameters
+    ----------
+    model
+        The :class:`Segmenter`.
+    images, out_dir
+        Input TIFF files and the output folder (created; on a cluster: a shared file system).
+    client
+        A ``distributed.Client``; None predicts in this process (the local reference run).
+    overwrite
+        Replace existing outputs; without it files whose labels exist are skipped.
+    retries
+        How many times a failed file is tried again (on any worker) before it is reported in
+        ``failed`` and skipped.
+    threads_per_worker
+        torch threads per worker.
+    progress
+        ``progress(done, total, image_name)`` after each file.
+    predict_kwargs
+        Passed to :meth:`Segmenter.predict` (``device``, ``tile_shape``, ``channel`` ...).
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir).expanduser()
+    paths = [Path(p).expanduser() for p in images]
+    res = BatchResult()
+    inputs = {p.resolve() for p in paths}
+    todo: list[tuple[Path, Path]] = []
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        target = output_path(out, p)
+        if target.resolve() in inputs:
+            raise BatchError(f"the output {target} would overwrite an input; choose another -o")
+        if target in seen:
+            raise BatchError(f"{seen[target]} and {p} would both be written as {target.name}")
+        seen[target] = p
+        if target.exists() and not overwrite:
+            res.skipped.append(p)
+            continue
+        todo.append((p, target))
+    out.mkdir(parents=True, exist_ok=True)
+    total = len(todo)
+    payload = model_bytes(model)
+    kwargs = dict(predict_kwargs)
+    kwargs.setdefault("device", "cpu")
+    done = 0
+
+    def finished(info: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
+        res.written.append(Path(info["out"]))
+        res.summaries[Path(info["image"]).name] = info["summary"]
+        if progress is not None:
+            progress(done, total, Path(info["image"]).name)
+
+    def failed(p: Path, e: BaseException) -> None:
+        nonlocal done
+        done += 1
+        res.failed[str(p)] = f"{type(e).__name__}: {e}"
+        if progress is not None:
+            progress(done, total, p.name)
+
+    if client is None:
+        for p, target in todo:
+            for attempt in range(retries + 1):
+                try:
+                    finished(_predict_file(payload, str(p), str(target), axes, None, kwargs))
+                    break
+                except Exception as e:  # noqa: BLE001 - reported per file, the others go on
+                    if attempt == retries:
+                        failed(p, e)
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    from distributed import as_completed
+
+    res.workers = len(client.scheduler_info().get("workers", {}))
+    shared = client.scatter(payload, broadcast=True, hash=False)
+    futures = {}
+    for p, target in todo:
+        f = client.submit(
+            _predict_file,
+            shared,
+            str(p),
+            str(target),
+            axes,
+            threads_per_worker,
+            kwargs,
+            retries=retries,
+            pure=False,
+            key=f"napari-unet-predict-{p.name}-{os.urandom(4).hex()}",
+        )
+        futures[f] = p
+    for f in as_completed(futures):
+        try:
+            finished(f.result())
+        except Exception as e:  # noqa: BLE001 - a file that failed twice: reported, skipped
+            failed(futures[f], e)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# ============================================================================ one big array
+
+
+def _predict_frame(
+    payload: tuple[bytes, str, str],
+    frame: np.ndarray,
+    axes: str,
+    threads: int | None,
+    kwargs: dict[str, Any],
+) -> np.ndarray:
+    seg = _model_on_worker(payload, threads)
+    return seg.predict(np.asarray(frame), axes, **kwargs).labels
+
+
+def predict_array(
+    model: Segmenter,
+    array: Any,
+    axes: str,
+    *,
+    client: Any = None,
+    labels_out: Any = None,
+    retries: int = 1,
+    threads_per_worker: int | None = 1,
+    progress: Progress | None = None,
+    **predict_kwargs: Any,
+) -> np.ndarray | Any:
+    """Predict the frames of one big array (numpy, dask or zarr) on a dask cluster.
+
+    The array is cut along its first axis when that is ``T`` (a time series or a stack of
+    images), else along ``Z`` for a 2D model; each frame is one task, normalised and
+    post-processed on its own (as :meth:`Segmenter.predict` would do it for that frame), and
+    its object ids are shifted so they are unique over the array (frame ``k`` continues after
+    the largest id of the frames before it). A dask array stays lazy: the workers compute the
+    frames they need. Results equal those of ``client=None`` (the same frames in this process).
+
+    Returns
+    -------
+    The labels (``int32``, the array's axes without ``C``), in ``labels_out`` when given.
+    """
+    from .segmenter import Segmenter
+
+    if not isinstance(model, Segmenter):
+        raise TypeError("model must be a Segmenter")
+    axes = axes.upper()
+    if len(axes) != len(array.shape):
+        raise ValueError(f"axes {axes!r} do not match the array's {len(array.shape)} dimensions")
+    lead = axes[0]
+    if lead != "T" and not (lead == "Z" and model.ndim == 2):
+        raise ValueError(
+            f"predict_array cuts the array along a leading T axis (or Z for a 2D model); the "
+            f"axes are {axes!r}"
+        )
+    frame_axes = axes[1:]
+    n = int(array.shape[0])
+    out_shape = tuple(int(s) for a, s in zip(axes, array.shape, strict=True) if a != "C")
+    labels = np.zeros(out_shape, np.int32) if labels_out is None else labels_out
+    if tuple(labels.shape) != out_shape:
+        raise ValueError(f"labels_out has shape {tuple(labels.shape)}, expected {out_shape}")
+    payload = model_bytes(model)
+    kwargs = dict(predict_kwargs)
+    kwargs.setdefault("device", "cpu")
+    results: dict[int, np.ndarray] = {}
+    next_frame, offset = 0, 0
+
+    def flush() -> None:  # frames are written in order, so ids are unique and deterministic
+        nonlocal next_frame, offset
+        while next_frame in results:
+            lab = results.pop(next_frame).astype(np.int32)
+            if offset:
+                lab[lab > 0] += offset
+            labels[next_frame] = lab
+            offset = max(offset, int(lab.max()) if lab.size else 0)
+            next_frame += 1
+            if progress is not None:
+                progress(next_frame, n, f"frame {next_frame}")
+
+    if client is None:
+        for k in range(n):
+            results[k] = _predict_frame(payload, np.asarray(array[k]), frame_axes, None, kwargs)
+            flush()
+        return labels
+
+    from distributed import as_completed
+
+    shared = client.scatter(payload, broadcast=True, hash=False)
+    is_dask = hasattr(array, "dask") and hasattr(array, "compute")
+    futures = {}
+    for k in range(n):
+        frame = client.compute(array[k]) if is_dask else client.scatter(np.asarray(array[k]))
+        f = client.submit(
+            _predict_frame, shared, frame, frame_axes, threads_per_worker, kwargs,
+            retries=retries, pure=False,
+        )  # fmt: skip
+        futures[f] = k
+    for f in as_completed(futures):
+        results[futures[f]] = f.result()
+        flush()
+    return labels
