@@ -190,7 +190,7 @@ def connect(
 
 
 def output_path(out_dir: Path, image: Path) -> Path:
-    """Where the labels of ``image`` go: ``OUTDIR/<stem>_labels.tif`` (as ``napari-unet predict``)."""
+    """Where the labels of ``image`` go: ``OUTDIR/<stem>_labels.tif``, as in ``predict``."""
     from .cli import _stem
 
     return Path(out_dir) / f"{_stem(Path(image))}_labels.tif"
