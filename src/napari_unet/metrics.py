@@ -170,6 +170,10 @@ def dice(a: Any, b: Any) -> float:
     return 1.0 if total == 0 else 2.0 * inter / total
 
 
+#: semantic_iou refuses class ids from here on (they are object ids, not classes)
+_MAX_CLASS_ID = 65536
+
+
 def semantic_iou(
     pred: Any,
     true: Any,
@@ -204,6 +208,11 @@ def semantic_iou(
     t = _as_labels(true, "true")
     _check_same_shape(p, t, "pred", "true")
     max_id = int(max(p.max(initial=0), t.max(initial=0)))
+    if max_id >= _MAX_CLASS_ID or (num_classes is not None and int(num_classes) > _MAX_CLASS_ID):
+        raise ValueError(
+            f"class id too large: instance labels? (largest id {max_id}; semantic_iou takes "
+            f"class ids below {_MAX_CLASS_ID}; for objects use instance_f1 or evaluate)"
+        )
     if num_classes is None:
         num_classes = max_id + 1
     else:
@@ -215,9 +224,9 @@ def semantic_iou(
     k = num_classes
     p_flat = p.ravel().astype(np.intp, copy=False)
     t_flat = t.ravel().astype(np.intp, copy=False)
-    conf = np.bincount(t_flat * k + p_flat, minlength=k * k).reshape(k, k)
-    inter = np.diag(conf).astype(np.int64)
-    union = conf.sum(axis=0) + conf.sum(axis=1) - inter
+    # per-class counts, O(pixels + classes): no k x k confusion matrix
+    inter = np.bincount(t_flat[t_flat == p_flat], minlength=k).astype(np.int64)
+    union = np.bincount(p_flat, minlength=k) + np.bincount(t_flat, minlength=k) - inter
     start = 1 if ignore_background else 0
     result: dict[int, float] = {}
     for c in range(start, k):

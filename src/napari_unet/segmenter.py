@@ -263,11 +263,13 @@ class Segmenter:
         """Validate and put an image into canonical TZCYX order; returns (canon, axes)."""
         if not hasattr(image, "shape") or not hasattr(image, "dtype"):
             image = np.asarray(image)
+        dt = np.dtype(image.dtype)
+        if dt != bool and (not np.issubdtype(dt, np.number) or dt.kind == "c"):
+            # lazy inputs too; their NaN/inf are found block by block as they are read
+            raise ValueError(f"{name} has dtype {dt}; expected a real-valued image")
         if isinstance(image, np.ndarray):
             if image.dtype == bool:
                 image = image.astype(np.float32)
-            if not (np.issubdtype(image.dtype, np.number)) or np.iscomplexobj(image):
-                raise ValueError(f"{name} has dtype {image.dtype}; expected a real-valued image")
             data.check_finite(image, name)
         if axes is None:
             axes = data.guess_axes(image.shape)
@@ -307,7 +309,8 @@ class Segmenter:
                 lo_c, hi_c = data.percentile_range(canon[:, :, c], low, high)
             lo.append(lo_c)
             hi.append(hi_c)
-        return np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+        # float64: the range of a float64 image may lie beyond float32's (1e300 ...)
+        return np.asarray(lo, np.float64), np.asarray(hi, np.float64)
 
     def _prepare(self, image: Any, axes: str | None, channel: int | None, name: str = "image"):
         """Validate and put an image into canonical TZCYX order; returns (canon, axes, lo, hi)."""
@@ -783,17 +786,32 @@ class Segmenter:
 
 
 def _normalizer(lo: np.ndarray, hi: np.ndarray, channel_axis: int, ndim: int):
-    """Per-channel ``(x - lo) / (hi - lo)`` as float32 (a constant channel becomes 0)."""
+    """Per-channel ``(x - lo) / (hi - lo)`` as float32 (a constant channel becomes 0).
+
+    Inputs wider than float32 (float64 ...), or a range float32 cannot hold, are normalised
+    in float64 and clipped to +-1e6 ranges before the cast, so a finite image never becomes
+    inf or NaN on the way to the network.
+    """
     shape = [1] * ndim
     shape[channel_axis] = -1
-    scale = np.where(hi - lo > 1e-6, 1.0 / np.maximum(hi - lo, 1e-6), 0.0).astype(np.float32)
-    lo_b, scale_b = lo.reshape(shape), scale.reshape(shape)
+    lo64, hi64 = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    span = hi64 - lo64
+    scale64 = np.where(span > 1e-6, 1.0 / np.maximum(span, 1e-6), 0.0)
+    f32 = np.finfo(np.float32).max
+    lo_b = np.clip(lo64, -f32, f32).astype(np.float32).reshape(shape)
+    scale_b = scale64.astype(np.float32).reshape(shape)
+    lo_w, scale_w = lo64.reshape(shape), scale64.reshape(shape)
+    narrow_ok = bool(np.all(np.abs(lo64) < 1e30) and np.all(np.abs(hi64) < 1e30))
 
     def transform(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x).astype(np.float32, copy=True)
-        x -= lo_b
-        x *= scale_b
-        return x
+        x = np.asarray(x)
+        if narrow_ok and (x.dtype.kind not in "fc" or x.dtype.itemsize <= 4):
+            x = x.astype(np.float32, copy=True)
+            x -= lo_b
+            x *= scale_b
+            return x
+        w = (x.astype(np.float64) - lo_w) * scale_w
+        return np.clip(w, -1e6, 1e6, out=w).astype(np.float32)
 
     return transform
 

@@ -338,8 +338,12 @@ class BlockCache:
         twice).
     """
 
-    def __init__(self, array: Any, max_bytes: int = 512 * 2**20, chunks=None) -> None:
+    def __init__(
+        self, array: Any, max_bytes: int = 512 * 2**20, chunks=None, check_finite: bool = True
+    ) -> None:
         self.array = array
+        #: refuse NaN/inf, block by block as they are read (as numpy inputs are refused whole)
+        self.check_finite = check_finite
         self.shape = tuple(int(s) for s in array.shape)
         self.dtype = np.dtype(array.dtype)
         self.ndim = len(self.shape)
@@ -367,6 +371,14 @@ class BlockCache:
             for i, c, n in zip(index, self.chunks, self.shape, strict=True)
         )
         block = np.asarray(self.array[key])
+        if self.check_finite and block.dtype.kind in "fc":
+            n_bad = block.size - int(np.count_nonzero(np.isfinite(block)))
+            if n_bad:
+                at = tuple(k.start for k in key)
+                raise ValueError(
+                    f"the image contains NaN or infinite values ({n_bad} in its block starting at "
+                    f"(T, Z, C, Y, X) = {at}); replace them (e.g. with numpy.nan_to_num) before segmenting"
+                )
         with self._lock:
             self.block_reads += 1
             self._cache[index] = block
