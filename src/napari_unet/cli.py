@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from . import __version__, data, store
+from . import __version__, _outputs, data, store
 from .store import ModelRegistry
 
 if TYPE_CHECKING:
@@ -194,6 +194,13 @@ def read_tiff(path: str | Path, what: str = "image") -> tuple[np.ndarray, str | 
             axes = str(series.axes).upper().replace("S", "C")
     except tifffile.TiffFileError as e:
         raise CLIError(f"cannot read {what} {p}: it is not a valid TIFF file ({e})") from None
+    except (CLIError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - tifffile and its codecs raise many kinds
+        raise CLIError(
+            f"cannot read {what} {p}: the file is damaged (truncated or corrupt: {_message(e)}); "
+            "copy it again or export it again"
+        ) from None
     ok = (
         len(axes) == arr.ndim
         and set(axes) <= set(data.AXIS_LETTERS)
@@ -340,6 +347,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 "predict them into different output folders"
             )
         stems[s] = p
+    # before any work: no output may be an input, and the output folder must take files
+    outs = _outputs.predict_outputs(Path(args.output).expanduser(), list(stems), args.probabilities)
+    _outputs.refuse_inputs(outs, [*paths, args.model], "-o")
+    _outputs.check_writable(args.output, "-o")
     seg = load_segmenter(args.model)
     tile = None
     if args.tile is not None:
@@ -477,6 +488,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for p in [*args.images, *args.labels, *(args.masks or [])]:
         _check_file(p, "input")
     _check_output_target(args.output)
+    _outputs.refuse_inputs([args.output], [*args.images, *args.labels, *(args.masks or [])], "-o")
+    registry = ModelRegistry().root if args.output.startswith(_REGISTRY) else None
+    _outputs.check_writable_target(args.output, "-o", registry)
 
     if args.from_model:
         seg = load_segmenter(args.from_model)
@@ -564,15 +578,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if last.val_f1 is not None:
         summary += f", validation F1@0.5 {last.val_f1:.3f}"
     print(summary)
-    try:
-        where = _save_segmenter(seg, args.output)
-    except (OSError, ValueError) as e:
-        rescue = Path.cwd() / f"napari-unet-rescued-{time.strftime('%Y%m%d-%H%M%S')}"
-        seg.save(rescue)
-        raise CLIError(
-            f"could not save the model to {args.output} ({_message(e)}); "
-            f"it was saved to {rescue} instead"
-        ) from None
+    # on failure: the working, temporary or home folder, and the message says which
+    where = _outputs.save_or_rescue(
+        lambda: _save_segmenter(seg, args.output), seg.save, "-o", args.output
+    )
     print(f"saved model to {where}")
     return 0
 
@@ -612,6 +621,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     for p in [*args.pred, *args.truth]:
         _check_file(p, "label")
+    if args.csv:  # before reading: the CSV never replaces an input, and can be written
+        _outputs.refuse_inputs([args.csv], [*args.pred, *args.truth], "--csv")
+        _outputs.check_writable(Path(args.csv).expanduser().parent, "--csv")
     results: list[tuple[Path, Path, dict[str, Any]]] = []
     for pred_p, true_p in zip(args.pred, args.truth, strict=True):
         pred, _ = read_tiff(pred_p, "prediction")

@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
+import operator
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -139,7 +141,7 @@ def _convert(value: Any, tp: Any, meta: dict, name: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         if value is None and len(inner) < len(args):
             return None
-        return _convert(value, inner[0] if len(inner) == 1 else Union[tuple(inner)], meta, name)
+        return _convert(value, functools.reduce(operator.or_, inner), meta, name)
     if value is None:
         raise ConfigError(name, "is required (got null)")
     if dataclasses.is_dataclass(tp):
@@ -522,7 +524,8 @@ class TrainOptions(_Options):
     def _check_ndim(self, ndim: int) -> None:
         if self.patch_shape is not None and len(self.patch_shape) != ndim:
             raise ConfigError(
-                "patch_shape", f"must have {ndim} values for a {ndim}D model, not {self.patch_shape}"
+                "patch_shape",
+                f"must have {ndim} values for a {ndim}D model, not {self.patch_shape}",
             )
 
     @classmethod
@@ -559,7 +562,8 @@ class PredictOptions(_Options):
     def _check_ndim(self, ndim: int) -> None:
         if len(self.tile_shape) != ndim:
             raise ConfigError(
-                "tile_shape", f"must have {ndim} values for a {ndim}D model, not {self.tile_shape}"
+                "tile_shape",
+                f"must have {ndim} values for a {ndim}D model, not {self.tile_shape}",
             )
         if self.overlap is not None and self.overlap >= min(self.tile_shape):
             raise ConfigError(

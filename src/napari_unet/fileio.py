@@ -108,9 +108,7 @@ def sweep(target: Path, extra: Iterable[Path] = ()) -> int:
     with contextlib.suppress(OSError):
         # temp names of a fresh folder save and of single-file saves: .<name>.XXXXXXXX.tmp
         stale += [
-            p
-            for p in target.parent.glob(f".{_glob_escape(target.name)}.*.tmp")
-            if p not in stale
+            p for p in target.parent.glob(f".{_glob_escape(target.name)}.*.tmp") if p not in stale
         ]
     if target.is_dir():
         for pattern in _INSIDE_PATTERNS:
