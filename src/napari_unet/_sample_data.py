@@ -1,11 +1,34 @@
-"""Sample data for napari's File > Open Sample menu: generated nuclei with exact labels.
+"""Sample data for napari's File > Open Sample menu: generated nuclei with exact labels, and
+one real fluorescence image of the 2018 Data Science Bowl (CC0, see ``samples/README.md``).
 
 Returns napari layer-data tuples; imports nothing from napari.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .data import make_nuclei
+
+SAMPLES = Path(__file__).parent / "samples"
+DSB_ID = "a6515d7307786680"
+DSB_CITATION = (
+    "image a6515d73 of the 2018 Data Science Bowl (BBBC038v1, CC0); cite Caicedo et al., "
+    "Nature Methods 16:1247 (2019), doi:10.1038/s41592-019-0612-7"
+)
+
+
+def nuclei_real() -> list[tuple]:
+    """A real 256x320 uint8 fluorescence image (15 nuclei, DSB2018) and its expert labels."""
+    import tifffile
+
+    image = tifffile.imread(SAMPLES / f"dsb2018_{DSB_ID}.tif")
+    labels = tifffile.imread(SAMPLES / f"dsb2018_{DSB_ID}_masks.tif")
+    meta = {"source": DSB_CITATION}
+    return [
+        (image, {"name": "dsb2018", "colormap": "gray", "metadata": meta}, "image"),
+        (labels, {"name": "dsb2018 truth", "visible": False, "metadata": meta}, "labels"),
+    ]
 
 
 def nuclei_2d(seed: int = 0) -> list[tuple]:

@@ -10,7 +10,9 @@ the widgets turn it into a napari notification.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -19,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QListWidget, QListWidgetItem
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFrame,
+    QListWidget,
+    QListWidgetItem,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -47,6 +57,9 @@ __all__ = [
     "find_own_layer",
     "write_prediction",
     "write_preview",
+    "remove_preview",
+    "keep_selection",
+    "labels_digest",
     "shapes_to_mask",
     "visible_world_corners",
     "adopt_layer",
@@ -600,13 +613,44 @@ def write_preview(viewer: napari.Viewer, labels: np.ndarray, image: Image | None
         layer.data = compact_labels(labels)
         return layer
     kwargs = {} if scale is None else {"scale": scale, "translate": translate}
-    return viewer.add_labels(
-        compact_labels(labels),
-        name=PREVIEW_NAME,
-        metadata={PLUGIN_KEY: True, "kind": "preview"},
-        opacity=0.5,
-        **kwargs,
-    )
+    with keep_selection(viewer):  # the preview must not take the user's brush
+        return viewer.add_labels(
+            compact_labels(labels),
+            name=PREVIEW_NAME,
+            metadata={PLUGIN_KEY: True, "kind": "preview"},
+            opacity=0.5,
+            **kwargs,
+        )
+
+
+def remove_preview(viewer: napari.Viewer) -> bool:
+    """Remove the ``"unet preview"`` layer (at the end of a training); True when there was one."""
+    layer = _find_preview(viewer)
+    if layer is None:
+        return False
+    with keep_selection(viewer):
+        viewer.layers.remove(layer)
+    return True
+
+
+@contextlib.contextmanager
+def keep_selection(viewer: napari.Viewer):
+    """Add or remove layers without changing the user's active layer and selection.
+
+    napari makes a new layer the active one; for the plugin's helper layers (the training
+    preview) that would send the next brush stroke into them.
+    """
+    selection = viewer.layers.selection
+    active, selected = selection.active, list(selection)
+    try:
+        yield
+    finally:
+        alive = [ly for ly in selected if ly in viewer.layers]
+        if alive or active is not None:
+            selection.clear()
+            selection.update(alive)
+            if active is not None and active in viewer.layers:
+                selection.active = active
 
 
 def _find_preview(viewer: napari.Viewer) -> Labels | None:
@@ -644,6 +688,20 @@ def adopt_layer(layer: Labels) -> bool:
 
 
 # ----------------------------------------------------------------------------- edited planes
+def labels_digest(labels: Any) -> str | None:
+    """A fingerprint of a labels array held in memory (None for lazy, on-disk arrays).
+
+    Kept instead of a copy for 2D predictions: Train compares it with the layer's data to see
+    whether the user changed anything since the prediction (blake2b: ~0.2 s for 8192x8192).
+    """
+    if not isinstance(labels, np.ndarray):
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{labels.shape}{labels.dtype.str}".encode())
+    h.update(np.ascontiguousarray(labels).view(np.uint8).reshape(-1))
+    return h.hexdigest()
+
+
 def edited_planes(labels: np.ndarray, reference: np.ndarray | None, plane_ndim: int = 2):
     """Which planes of a stack the user corrected: a bool array over the leading axes.
 
@@ -736,11 +794,48 @@ def shapes_to_mask(shapes: Shapes, target: Layer, shape: tuple[int, ...] | None 
     return mask
 
 
+# ----------------------------------------------------------------------------- scrolling body
+class _VerticalScroll(QScrollArea):
+    """Scrolls vertically only; as wide as its content needs (nothing is cut on the right)."""
+
+    def minimumSizeHint(self):  # noqa: N802 - Qt API
+        hint = super().minimumSizeHint()
+        body = self.widget()
+        if body is not None:
+            width = body.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width()
+            hint.setWidth(max(hint.width(), width))
+        return hint
+
+
+def scrolling_body(owner: QWidget) -> QVBoxLayout:
+    """Give ``owner`` a vertically scrolling body; returns the body's layout to fill.
+
+    A dock widget's minimum height is its content's: without this the Train widget alone
+    needs 775 px and pushes napari's window past a 768 px screen.
+    """
+    outer = QVBoxLayout(owner)
+    outer.setContentsMargins(0, 0, 0, 0)
+    scroll = _VerticalScroll(owner)
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    body = QWidget(scroll)
+    scroll.setWidget(body)
+    outer.addWidget(scroll)
+    owner.scroll_area = scroll
+    return QVBoxLayout(body)
+
+
 # ----------------------------------------------------------------------------- layer combo box
 class LayerCombo(QComboBox):
     """A combo box of the viewer's layers of some types, kept up to date.
 
     ``none_label`` adds a first entry meaning "no layer". ``exclude`` filters layers out.
+
+    The box follows the user's layers: a layer that is added (a new prediction, a Shapes layer
+    the user draws in) or selected in the layer list becomes the choice when it fits. The first
+    choice is the active layer when it fits, else the top-most visible fitting layer (a hidden
+    ground-truth layer is chosen only when nothing else fits).
     """
 
     def __init__(
@@ -760,10 +855,43 @@ class LayerCombo(QComboBox):
         self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.setMinimumContentsLength(12)
         events = viewer.layers.events
-        events.inserted.connect(self.refresh)
+        events.inserted.connect(self._on_inserted)
         events.removed.connect(self.refresh)
         events.moved.connect(self.refresh)
+        viewer.layers.selection.events.active.connect(self._on_active)
         self.refresh()
+        first = self._first_choice()
+        if first is not None:
+            self.set_value(first)
+
+    def _fits(self, layer) -> bool:
+        return (
+            layer is not None
+            and isinstance(layer, self._types)
+            and not (self._exclude is not None and self._exclude(layer))
+        )
+
+    def _first_choice(self):
+        active = self._viewer.layers.selection.active
+        if self._fits(active):
+            return active
+        layers = self._candidates()
+        visible = [ly for ly in layers if ly.visible]
+        return (visible or layers)[-1] if layers else None
+
+    def _on_inserted(self, event=None) -> None:
+        self.refresh()
+        layer = getattr(event, "value", None)
+        if self._fits(layer):
+            self.set_value(layer)
+
+    def _on_active(self, event=None) -> None:
+        layer = getattr(event, "value", None)
+        if self._fits(layer) and layer is not self.value():
+            try:
+                self.set_value(layer)
+            except ValueError:  # not listed yet (inserted handlers run later)
+                pass
 
     def _candidates(self) -> list:
         out = []
@@ -817,8 +945,10 @@ class LayerCombo(QComboBox):
 
     def disconnect_viewer(self) -> None:
         events = self._viewer.layers.events
-        for em in (events.inserted, events.removed, events.moved):
+        events.inserted.disconnect(self._on_inserted)
+        for em in (events.removed, events.moved):
             em.disconnect(self.refresh)
+        self._viewer.layers.selection.events.active.disconnect(self._on_active)
         for layer in self._viewer.layers:
             layer.events.name.disconnect(self.refresh)
 

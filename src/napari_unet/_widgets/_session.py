@@ -42,6 +42,8 @@ class Session:
         self.training_lock = threading.Lock()
         # id(layer) -> (weak ref to the layer, copy of the labels the plugin wrote into it)
         self._snapshots: dict[int, tuple[weakref.ref, Any]] = {}
+        # id(layer) -> (weak ref, labels_digest of what the plugin wrote): 2D layers, no copy
+        self._digests: dict[int, tuple[weakref.ref, str]] = {}
 
     @property
     def segmenter(self) -> Segmenter:
@@ -76,6 +78,24 @@ class Session:
         if entry is None or entry[0]() is not layer:
             return None
         return entry[1]
+
+    def remember_digest(self, layer, digest: str | None) -> None:
+        """Keep the fingerprint of what the plugin wrote into a 2D ``layer`` (no copy)."""
+        self._digests = {k: v for k, v in self._digests.items() if v[0]() is not None}
+        if digest is not None:
+            self._digests[id(layer)] = (weakref.ref(layer), digest)
+
+    def unchanged_since_prediction(self, layer) -> bool:
+        """True when ``layer`` holds exactly what the plugin's last prediction wrote into it."""
+        from ._layers import labels_digest
+
+        entry = self._digests.get(id(layer))
+        if entry is None or entry[0]() is not layer:
+            ref = self.prediction_snapshot(layer)
+            if ref is None or not isinstance(layer.data, np.ndarray):
+                return False
+            return bool(np.array_equal(np.asarray(layer.data), ref))
+        return labels_digest(layer.data) == entry[1]
 
     def notify_trained(self) -> None:
         """Tell listeners that the current model's weights changed."""

@@ -17,15 +17,20 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
-    QProgressBar,
     QPushButton,
-    QVBoxLayout,
     QWidget,
 )
 
 from . import _layers
 from ._session import session_for
-from ._workers import ShutdownHook, Task, start_prediction, user_message
+from ._workers import (
+    ShutdownHook,
+    Task,
+    describe_result,
+    progress_bar,
+    start_prediction,
+    user_message,
+)
 from .suggest import SuggestPanel
 
 if TYPE_CHECKING:
@@ -73,10 +78,9 @@ class PredictWidget(QWidget):
         self.probs_check = QCheckBox("also add probabilities")
         self.predict_button = QPushButton("Predict")
         self.cancel_button = QPushButton("Cancel")
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1000)
-        self.progress.setValue(0)
-        self.progress.setTextVisible(False)
+        self.progress = progress_bar()
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
@@ -89,11 +93,12 @@ class PredictWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.predict_button)
         buttons.addWidget(self.cancel_button)
-        layout = QVBoxLayout(self)
+        layout = _layers.scrolling_body(self)
         layout.addLayout(form)
         layout.addWidget(self.probs_check)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
+        layout.addWidget(self.status_label)
         self.suggest = SuggestPanel(
             self.viewer,
             self.session,
@@ -170,6 +175,7 @@ class PredictWidget(QWidget):
             return None
         for note in request.notes:
             show_info(note)
+        self.status_label.setText(f"predicting {layer.name!r} ...")
         self._task = start_prediction(
             self.viewer,
             seg,
@@ -177,11 +183,27 @@ class PredictWidget(QWidget):
             device=self.device_combo.currentText(),
             probabilities=self.probs_check.isChecked(),
             progress=self.progress,
-            on_error=show_error,
+            on_error=self._on_error,
+            on_done=self._on_done,
             on_finished=self._on_finished,
         )
         self._update_buttons()
         return self._task
+
+    def _on_error(self, message: str) -> None:
+        if not self._closed:
+            self.status_label.setText(f"failed: {message}")
+        show_error(message)
+
+    def _on_done(self, layers: list) -> None:
+        """Say what came out: objects and seconds, and where to correct."""
+        if self._closed or self._task is None:
+            return
+        text = describe_result(self._task.job, layers)
+        if layers:
+            text += " — correct it with the brush, then Train"
+        self.status_label.setText(text)
+        show_info(text)
 
     def extra_channels(self, layer, seg: Segmenter) -> list:
         """The ticked channel layers (for a model with several channels), without ``layer``."""
@@ -199,6 +221,7 @@ class PredictWidget(QWidget):
         task, self._task = self._task, None
         if task is not None and task.cancelled and not self._closed:
             self.progress.setValue(0)
+            self.status_label.setText("cancelled: no layer changed")
         self._update_buttons()
 
     # ------------------------------------------------------------------ closing

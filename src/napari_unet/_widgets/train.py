@@ -32,13 +32,12 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
-    QProgressBar,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
+from ..cpu import LoadMonitor, default_threads
 from ..segmenter import Segmenter
 from ..training import TrainProgress
 from . import _layers
@@ -50,6 +49,8 @@ from ._workers import (
     State,
     Task,
     TrainJob,
+    describe_result,
+    progress_bar,
     start_prediction,
     user_message,
 )
@@ -169,6 +170,7 @@ class LossCurve(QWidget):
         self.vals: list[float] = []
         self.setMinimumHeight(120)
         self.draws = 0
+        self.show_val = False  # a hold-out gives validation F1 points (set by the owner)
 
     def clear(self) -> None:
         self.steps.clear()
@@ -184,6 +186,13 @@ class LossCurve(QWidget):
         if p.val_f1 is not None and (not self.vals or p.val_f1 != self.vals[-1] or p.done):
             self.val_steps.append(p.step)
             self.vals.append(float(p.val_f1))
+
+    def caption(self, x_max: int) -> str:
+        """The line under the plot: names only the curves that are drawn."""
+        text = f"step {x_max}   loss (blue)"
+        if self.show_val or self.vals:
+            text += "   val F1 (orange, 0..1)"
+        return text
 
     def draw_now(self) -> None:
         self.draws += 1
@@ -224,7 +233,7 @@ class LossCurve(QWidget):
             qp.drawText(
                 QRectF(plot.left(), plot.bottom() + 2, plot.width(), 14),
                 Qt.AlignmentFlag.AlignCenter,
-                f"step {x_max}   loss (blue)   val F1 (orange, 0..1)",
+                self.caption(x_max),
             )
             if len(self.steps) > 1:
                 # at most ~2 points per pixel column: drawing stays cheap on long runs
@@ -291,6 +300,7 @@ class TrainWidget(QWidget):
         self._status_timer.setInterval(UPDATE_MS)
         self._status_timer.timeout.connect(self._show_progress)
         self.last_progress: TrainProgress | None = None
+        self.monitor: LoadMonitor | None = None
 
         # data
         self.image_combo = _layers.LayerCombo(self.viewer, (Image,), exclude=_image_choice)
@@ -351,8 +361,14 @@ class TrainWidget(QWidget):
         self.preview_spin.setSuffix(" s")
         self.preview_spin.setSpecialValueText("off")
         self.threads_spin = QSpinBox()
-        self.threads_spin.setRange(1, max(1, os.cpu_count() or 1))
-        self.threads_spin.setValue(max(1, (os.cpu_count() or 2) - 1))
+        self.threads_spin.setRange(0, max(1, os.cpu_count() or 1))
+        self.threads_spin.setValue(0)
+        self.threads_spin.setSpecialValueText("auto (free cores - 1)")
+        self.threads_spin.setToolTip(
+            "torch threads for training; auto measures the cores other programs leave free when "
+            "you press Train and keeps one for the viewer (more threads than free cores slow "
+            "training down many times over)"
+        )
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         opt_box = QGroupBox("Options")
@@ -373,10 +389,7 @@ class TrainWidget(QWidget):
         self.stop_button = QPushButton("Stop")
         self.refresh_button = QPushButton("Refresh prediction")
         self.refresh_button.setToolTip("predict the trained image(s) again with the new model")
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1000)
-        self.progress.setValue(0)
-        self.progress.setTextVisible(False)
+        self.progress = progress_bar()
         self.status_label = QLabel("idle")
         self.status_label.setWordWrap(True)
         self.curve = LossCurve()
@@ -384,7 +397,7 @@ class TrainWidget(QWidget):
         run_buttons.addWidget(self.train_button)
         run_buttons.addWidget(self.stop_button)
 
-        layout = QVBoxLayout(self)
+        layout = _layers.scrolling_body(self)
         layout.addWidget(data_box)
         layout.addWidget(opt_box)
         layout.addLayout(run_buttons)
@@ -399,6 +412,7 @@ class TrainWidget(QWidget):
         self.train_button.clicked.connect(self.train)
         self.stop_button.clicked.connect(self.stop)
         self.refresh_button.clicked.connect(self.refresh_prediction)
+        self.labels_combo.currentIndexChanged.connect(self._follow_labels)
         self.state.changed.connect(self._apply_state)
         self.viewer.layers.events.removed.connect(self._prune_pairs)
         self.viewer.dims.events.current_step.connect(self._on_dims)
@@ -418,6 +432,19 @@ class TrainWidget(QWidget):
             self._closed = True
         except Exception:  # noqa: BLE001 - a model that fails to load: nothing to show
             logger.exception("napari-unet: cannot read the current model")
+
+    def _follow_labels(self, *_: Any) -> None:
+        """A prediction layer chosen as Labels brings its image along (``source`` metadata)."""
+        labels = self.labels_combo.value()
+        source = (getattr(labels, "metadata", None) or {}).get("source")
+        if not source or source not in self.viewer.layers:
+            return
+        image = self.viewer.layers[source]
+        if image is not self.image_combo.value():
+            try:
+                self.image_combo.set_value(image)
+            except ValueError:  # not an image choice
+                pass
 
     # ------------------------------------------------------------------ pairs
     def add_pair(self) -> None:
@@ -510,8 +537,12 @@ class TrainWidget(QWidget):
             "lr": lr,
             "val_fraction": 0.1 if self.val_check.isChecked() else 0.0,
             "device": self.device_combo.currentText(),
-            "num_threads": int(self.threads_spin.value()),
+            "num_threads": self.threads(),
         }
+
+    def threads(self) -> int:
+        """The CPU threads to use: the spin box, or (auto) the free cores less one."""
+        return int(self.threads_spin.value()) or default_threads(gui=True)
 
     def _model(self) -> tuple[Segmenter, bool]:
         seg = self.session.segmenter
@@ -558,7 +589,9 @@ class TrainWidget(QWidget):
         shapes = self.shapes_combo.value()
         if shapes is not None:
             masks = [_layers.shapes_to_mask(shapes, labels) for _, labels in pairs]
-        elif self.edited_check.isChecked():
+        else:
+            self._check_corrected(pairs, seg.ndim)
+        if shapes is None and self.edited_check.isChecked():
             masks, parts = self._edited_masks(pairs, seg.ndim)
             if parts:
                 done = "; ".join(parts)
@@ -601,6 +634,29 @@ class TrainWidget(QWidget):
                 **opts,
             ),
         }
+
+    def _check_corrected(self, pairs, model_ndim: int) -> None:
+        """Refuse 2D labels that are empty or exactly the plugin's uncorrected prediction.
+
+        (Stacks are checked slice by slice in :meth:`_edited_masks`.) Training on a prediction
+        nobody corrected teaches the model its own mistakes: measured, F1 0.70 -> 0.52.
+        """
+        for _, labels in pairs:
+            data = labels.data
+            if not isinstance(data, np.ndarray) or data.ndim > model_ndim:
+                continue
+            if self.session.unchanged_since_prediction(labels):
+                raise _layers.LayerError(
+                    f"nothing in {labels.name!r} was corrected since the prediction: fix some "
+                    "objects with the brush or the eraser first, or draw rectangles around the "
+                    "areas you checked in a Shapes layer and choose it as 'Corrected regions' "
+                    "(training on an uncorrected prediction teaches the model its own mistakes)"
+                )
+            if not data.any():
+                raise _layers.LayerError(
+                    f"{labels.name!r} is empty: paint some objects first (or predict, then "
+                    "correct the prediction)"
+                )
 
     def _edited_masks(self, pairs, model_ndim: int) -> tuple[list | None, list[str]]:
         """Masks of whole corrected planes for the stacks among ``pairs`` (None for 2D)."""
@@ -681,8 +737,11 @@ class TrainWidget(QWidget):
         task.worker.yielded.connect(self._on_yield)
         task.on_finished(self._on_train_finished)
         self.progress.setValue(0)
+        self.curve.show_val = plan["job"].kwargs.get("val_fraction", 0.0) > 0
         self.curve.clear()
-        self.status_label.setText("starting ...")
+        threads = plan["job"].kwargs.get("num_threads") or 1
+        self.monitor = LoadMonitor(threads)
+        self.status_label.setText(f"starting ({threads} CPU thread{'s' if threads > 1 else ''})")
         self.state.value = State.TRAINING
         task.start()
         return task
@@ -700,6 +759,9 @@ class TrainWidget(QWidget):
             # every step goes to the curve; bar, text and curve repaint every UPDATE_MS
             self.last_progress = item
             self.curve.add(item)
+            warning = self.monitor.update(item.step, item.seconds) if self.monitor else None
+            if warning:
+                show_warning(warning)
             if not self._status_timer.isActive():
                 self._status_timer.start()
             return
@@ -749,6 +811,12 @@ class TrainWidget(QWidget):
             return
         outcome = run.finish()
         self.curve.draw_now()
+        try:  # the preview has served; the final result comes from 'Refresh prediction'
+            _layers.remove_preview(self.viewer)
+        except Exception:  # noqa: BLE001 - a preview is optional
+            logger.exception("napari-unet: could not remove the preview layer")
+        if outcome.status != "failed" and self.monitor is not None and self.monitor.note:
+            outcome.message += f" (note: {self.monitor.note})"
         if outcome.status == "failed":
             self.status_label.setText(f"failed: {outcome.message}")
             show_error(outcome.message)
@@ -783,20 +851,28 @@ class TrainWidget(QWidget):
             seg,
             requests,
             device=self.device_combo.currentText(),
-            num_threads=int(self.threads_spin.value()),
+            num_threads=self.threads(),
             progress=self.progress,
             on_error=show_error,
+            on_done=self._on_refreshed,
             on_finished=self._on_refresh_finished,
         )
         self.status_label.setText("predicting the trained image(s) ...")
         self._apply_state()
         return self._refresh_task
 
+    def _on_refreshed(self, layers: list) -> None:
+        if not self._closed and self._refresh_task is not None:
+            self.status_label.setText(
+                "prediction refreshed: " + describe_result(self._refresh_task.job, layers)
+            )
+
     def _on_refresh_finished(self) -> None:
         self._refresh_task = None
         if self._closed:
             return
-        self.status_label.setText("prediction refreshed")
+        if self.status_label.text().startswith("predicting"):
+            self.status_label.setText("prediction not refreshed")
         self._apply_state()
 
     # ------------------------------------------------------------------ closing

@@ -1,0 +1,150 @@
+"""The first hour of a new user (issue 11): the launcher's window, widgets that follow the user's
+layers, no training on an uncorrected prediction, helper layers that keep out of the way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from conftest import capture_notifications  # noqa: E402
+from qtpy.QtCore import QThreadPool  # noqa: E402
+from qtpy.QtWidgets import QApplication  # noqa: E402
+
+from napari_unet._widgets import _launch, _layers  # noqa: E402
+from napari_unet._widgets import predict as predict_mod  # noqa: E402
+from napari_unet._widgets import train as train_mod  # noqa: E402
+from napari_unet._widgets._workers import State  # noqa: E402
+from napari_unet._widgets.predict import PredictWidget  # noqa: E402
+from napari_unet._widgets.train import LossCurve, TrainWidget  # noqa: E402
+from napari_unet.data import make_nuclei  # noqa: E402
+from napari_unet.segmenter import Segmenter  # noqa: E402
+
+
+def eager_model() -> Segmenter:
+    """A tiny untrained model biased to 'interior': its prediction is never empty."""
+    seg = Segmenter.new(base_channels=4, depth=2, seed=0)
+    with torch.no_grad():
+        seg.net.outc.bias.copy_(torch.tensor([0.0, 6.0, 0.0]))
+    return seg
+
+
+@pytest.fixture
+def messages(monkeypatch):
+    return capture_notifications(monkeypatch, train_mod, predict_mod)
+
+
+@pytest.fixture
+def loop(viewer_session, qtbot):
+    """A viewer with an image, a hidden truth layer, a tiny model, Predict and Train widgets."""
+    viewer, session = viewer_session
+    session.set_segmenter(eager_model(), name="tiny")
+    image, truth = make_nuclei((64, 64), seed=3)
+    viewer.add_image(image, name="img")
+    viewer.add_labels(truth, name="img truth", visible=False)
+    predict, train = PredictWidget(viewer), TrainWidget(viewer)
+    viewer.window.add_dock_widget(predict, name="U-Net Predict")
+    viewer.window.add_dock_widget(train, name="U-Net Train")
+    predict.device_combo.setCurrentText("cpu")
+    train.device_combo.setCurrentText("cpu")
+    train.threads_spin.setValue(1)
+    train.seconds_spin.setValue(0)
+    train.steps_spin.setValue(2)
+    yield viewer, predict, train, session
+    qtbot.waitUntil(lambda: not predict.running, timeout=20_000)
+    qtbot.waitUntil(lambda: train.state.value not in (State.TRAINING, State.STOPPING), timeout=20_000)
+    qtbot.waitUntil(lambda: QThreadPool.globalInstance().activeThreadCount() == 0, timeout=5_000)
+
+
+def run_predict(qtbot, predict):
+    assert predict.predict() is not None
+    qtbot.waitUntil(lambda: not predict.running, timeout=20_000)
+
+
+# ----------------------------------------------------------------------------- item 4 + item 1
+def test_launcher_fits_768_and_leaves_the_image_active(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    docks = _launch.prepare(viewer)
+    QApplication.processEvents()
+    qt_window = viewer.window._qt_window
+    # as tabs, not stacked: the window fits a 1366x768 screen (it needed 1,661 px stacked)
+    assert qt_window.minimumSizeHint().height() <= 768 - 40
+    assert len(docks) == 3
+    assert set(qt_window.tabifiedDockWidgets(docks[0])) == set(docks[1:])
+    # the brush must not go to the hidden truth layer
+    active = viewer.layers.selection.active
+    assert active is not None and active._type_string == "image" and active.visible
+    assert [ly.name for ly in viewer.layers] == ["dsb2018", "dsb2018 truth"]
+    assert viewer.layers["dsb2018"].data.shape == (256, 320)
+
+
+# ----------------------------------------------------------------------------- item 1
+def test_train_follows_the_prediction_and_a_new_shapes_layer(loop, qtbot, messages):
+    viewer, predict, train, _ = loop
+    assert train.labels_combo.value().name == "img truth"  # the only labels layer
+    run_predict(qtbot, predict)
+    out = viewer.layers["img [unet]"]
+    assert train.labels_combo.value() is out, "Train must pick the new prediction layer"
+    assert train.image_combo.value() is viewer.layers["img"]
+    assert viewer.layers.selection.active is out  # ready for the brush
+    assert "object" in predict.status_label.text() and " s" in predict.status_label.text()
+    assert predict.progress.isTextVisible() and train.progress.isTextVisible()
+    # a Shapes layer the user adds becomes the corrected regions
+    shapes = viewer.add_shapes(name="checked")
+    assert train.shapes_combo.value() is shapes
+    # selecting a layer in the layer list moves the choice too
+    viewer.layers.selection.active = viewer.layers["img truth"]
+    assert train.labels_combo.value() is viewer.layers["img truth"]
+
+
+# ----------------------------------------------------------------------------- item 2
+def test_train_refuses_an_uncorrected_2d_prediction(loop, qtbot, messages):
+    viewer, predict, train, session = loop
+    run_predict(qtbot, predict)
+    out = viewer.layers["img [unet]"]
+    assert train.shapes_combo.value() is None
+    assert train.train() is None
+    assert any("nothing in 'img [unet]' was corrected" in m for m in messages["error"]), messages
+    assert out.name == "img [unet]" and not session.registry.list()
+    assert not session.training_lock.locked()
+    # one correction (the brush paints in place) and it trains
+    out.data[:, :32] = 0
+    out.refresh()
+    assert train.train() is not None
+    qtbot.waitUntil(lambda: train.state.value in (State.DONE, State.FAILED), timeout=30_000)
+    assert train.state.value == State.DONE, messages
+    assert out.name == "img [corrected]"
+
+
+def test_train_refuses_empty_labels(loop, qtbot, messages):
+    viewer, _, train, _ = loop
+    empty = viewer.add_labels(np.zeros((64, 64), np.uint16), name="mine")
+    assert train.labels_combo.value() is empty
+    assert train.train() is None
+    assert any("'mine' is empty" in m for m in messages["error"]), messages
+
+
+# ----------------------------------------------------------------------------- item 6 (GUI)
+def test_preview_keeps_the_brush_and_goes_away(loop, qtbot, messages):
+    viewer, _, train, _ = loop
+    train.labels_combo.set_value(viewer.layers["img truth"])
+    viewer.layers.selection.active = viewer.layers["img truth"]
+    train.preview_spin.setValue(0.1)
+    assert train.train() is not None
+    assert _layers.PREVIEW_NAME in viewer.layers  # created at the click ...
+    assert viewer.layers.selection.active is viewer.layers["img truth"]  # ... not made active
+    qtbot.waitUntil(lambda: train.state.value in (State.DONE, State.FAILED), timeout=30_000)
+    assert train.state.value == State.DONE, messages
+    assert _layers.PREVIEW_NAME not in viewer.layers  # removed at the end
+    assert viewer.layers.selection.active is viewer.layers["img truth"]
+
+
+def test_loss_curve_caption_names_only_what_is_drawn(qtbot):
+    curve = LossCurve()
+    qtbot.addWidget(curve)
+    assert "val F1" not in curve.caption(10)
+    curve.show_val = True
+    assert "val F1" in curve.caption(10)
