@@ -122,3 +122,12 @@ def test_scheduler_that_does_not_answer_is_a_clear_error():
         with batch.connect("tcp://127.0.0.1:9", timeout=2):
             pass
     assert time.perf_counter() - t0 < 20
+
+
+def test_cli_scheduler_that_does_not_answer(tmp_path, capsys):
+    from napari_unet import cli
+
+    img = _images(tmp_path / "in", 1, size=32)[0]
+    argv = ["predict", "new", str(img), "-o", str(tmp_path / "o"), "--scheduler"]
+    code = cli.main([*argv, "tcp://127.0.0.1:9", "--scheduler-timeout", "2"])
+    assert code == 2 and "no dask scheduler answered" in capsys.readouterr().err

@@ -171,3 +171,21 @@ def test_foreign_packages(tmp_path, capsys):
     (tmp_path / "junk.zip").write_bytes(b"not a zip")
     with pytest.raises(bio.PackageError, match="not a zip"):
         nu.Segmenter.load(tmp_path / "junk.zip")
+
+
+def test_cli_export_and_import(tmp_path, monkeypatch, capsys):
+    from napari_unet import cli
+
+    monkeypatch.setenv("NAPARI_UNET_HOME", str(tmp_path / "home"))
+    seg = _tiny()
+    seg.save(tmp_path / "tiny")
+    out = tmp_path / "tiny.zip"
+    assert cli.main(["export", str(tmp_path / "tiny"), str(out), "--no-torchscript"]) == 0
+    assert cli.main(["export", str(tmp_path / "tiny"), str(out)]) == 2  # exists: refused
+    assert "exists already" in capsys.readouterr().err
+    assert cli.main(["import", str(out), "--name", "back"]) == 0
+    back = cli.load_segmenter("registry:back")
+    img, _ = make_nuclei((48, 48), seed=4)
+    _same_prediction(seg, back, img)
+    (tmp_path / "plain.zip").write_bytes(b"PK")
+    assert cli.main(["import", str(tmp_path / "plain.zip")]) == 2

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from . import __version__, _outputs, data, store
+from . import __version__, _cli_ecosystem, _outputs, data, store
 from .store import ModelRegistry
 
 if TYPE_CHECKING:
@@ -351,6 +351,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     outs = _outputs.predict_outputs(Path(args.output).expanduser(), list(stems), args.probabilities)
     _outputs.refuse_inputs(outs, [*paths, args.model], "-o")
     _outputs.check_writable(args.output, "-o")
+    if _cli_ecosystem.batch_wanted(args, len(paths)):  # a dask cluster (docs/cluster.md)
+        return _cli_ecosystem.cmd_predict_batch(args, paths)
     seg = load_segmenter(args.model)
     tile = None
     if args.tile is not None:
@@ -901,6 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="draw a progress bar on stderr even when it is not a terminal",
     )
+    _cli_ecosystem.add_predict_options(p)
     p.set_defaults(func=cmd_predict)
 
     # train
@@ -1038,6 +1041,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("old", metavar="OLD")
     q.add_argument("new", metavar="NEW")
     p.set_defaults(func=cmd_models)
+    _cli_ecosystem.add_commands(sub, _MODEL_HELP)  # export, import (bioimage.io)
     return parser
 
 
