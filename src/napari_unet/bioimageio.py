@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PackageError",
+    "export_iter",
     "export_package",
     "import_package",
     "is_package",
@@ -347,18 +348,67 @@ def export_package(
     -------
     Path of the package.
     """
+    gen = export_iter(
+        model,
+        out,
+        test_image=test_image,
+        axes=axes,
+        overwrite=overwrite,
+        torchscript=torchscript,
+        authors=authors,
+        license=license,
+    )
+    while True:
+        try:
+            done, total, what = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(done, total, what)
+
+
+def export_iter(
+    model: Segmenter | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    test_image: Any = None,
+    axes: str | None = None,
+    overwrite: bool = False,
+    torchscript: bool = True,
+    authors: Sequence[str] | None = None,
+    license: str = "CC-BY-4.0",
+):
+    """Like :func:`export_package`, as a generator of ``(done, total, step)``; returns the path.
+
+    Used by the napari widget (a thread worker that shows the steps as a progress bar).
+
+    Parameters
+    ----------
+    model
+        A :class:`Segmenter` or a path that :meth:`Segmenter.load` reads.
+    out
+        The ``.zip`` to write (atomically: a half-written package never appears).
+    test_image
+        An image for the test tensors and the cover (numpy; ``axes`` as in ``predict``). Without
+        one a synthetic nuclei image is used, which needs a 1-channel model.
+    overwrite
+        Replace an existing ``out`` (otherwise refused).
+    torchscript
+        Also add TorchScript weights (traced; a few seconds).
+    authors
+        Author names for the description (default: ``["napari-unet user"]``).
+    progress
+        Called as ``progress(done, total, what)`` after each step.
+
+    Returns
+    -------
+    Path of the package.
+    """
     from .segmenter import Segmenter
 
     seg = model if isinstance(model, Segmenter) else Segmenter.load(model)
     out = _check_target(Path(out), overwrite)
     steps = 6 if torchscript else 5
-    done = 0
-
-    def tick(what: str) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, steps, what)
 
     import torch
     from safetensors.torch import save as st_save
@@ -373,11 +423,11 @@ def export_package(
     raw = _test_image(seg, test_image, axes)
     x = _scale_range(raw, low, high)[None]
     probs = _forward(seg, x)
-    tick("test tensors")
+    yield 1, steps, "test tensors"
     spatial_axes = "ZYX" if seg.ndim == 3 else "YX"
     pred = seg.predict(raw, axes="C" + spatial_axes, device="cpu")
     cover = _cover(raw, pred.labels)
-    tick("cover")
+    yield 2, steps, "cover"
 
     state = {k: v.detach().cpu().contiguous() for k, v in seg.net.state_dict().items()}
     files: dict[str, bytes] = {
@@ -389,7 +439,7 @@ def export_package(
         "cover.png": _png_bytes(cover),
         "README.md": _readme(seg, raw.shape[1:]).encode(),
     }
-    tick("weights")
+    yield 3, steps, "weights"
     if torchscript:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -399,16 +449,16 @@ def export_package(
             buf = io.BytesIO()
             torch.jit.save(traced, buf)
         files[_TS_FILE] = buf.getvalue()
-        tick("torchscript")
+        yield 4, steps, "torchscript"
 
     sha = {k: _sha256(v) for k, v in files.items()}
     rdf = _description(seg, cfg, sha, raw.shape, low, high, torchscript, authors, license)
     import yaml
 
     files["rdf.yaml"] = yaml.safe_dump(rdf, sort_keys=False, allow_unicode=True).encode()
-    tick("description")
+    yield steps - 1, steps, "description"
     _write_zip(out, files)
-    tick("written")
+    yield steps, steps, "written"
     return out
 
 

@@ -242,6 +242,10 @@ class ModelManagerWidget(QWidget):
             "save the selected model version (or the model in use when nothing is selected) "
             "to a file or folder"
         )
+        self.bioimageio_button = QPushButton("Export to bioimage.io…")
+        self.bioimageio_button.setToolTip(
+            "write the selected model (or the model in use) as a bioimage.io package (.zip)"
+        )
         self.refresh_button = QPushButton("Refresh")
         self.new_button = QPushButton("New untrained")
         self.new_button.setToolTip("start from an untrained model (not saved until trained)")
@@ -285,6 +289,7 @@ class ModelManagerWidget(QWidget):
         layout.addWidget(self.versions_label)
         layout.addWidget(self.versions_table, 2)
         layout.addLayout(grid)
+        layout.addWidget(self.bioimageio_button)
         layout.addLayout(new_row)
 
         self.table.itemSelectionChanged.connect(self._on_model_selected)
@@ -298,6 +303,7 @@ class ModelManagerWidget(QWidget):
         self.rollback_button.clicked.connect(self._rollback_clicked)
         self.import_button.clicked.connect(self._ask_import)
         self.export_button.clicked.connect(self._ask_export)
+        self.bioimageio_button.clicked.connect(self._ask_export_bioimageio)
         self.refresh_button.clicked.connect(self._refresh_clicked)
         self.new_button.clicked.connect(self._new_clicked)
         self.task_combo.currentTextChanged.connect(self._update_new_inputs)
@@ -861,5 +867,59 @@ class ModelManagerWidget(QWidget):
         if path:
             self.export_path(path)
 
+    def _ask_export_bioimageio(self, *_: Any) -> None:
+        e = self.selected_entry()
+        suggested = (e.name if e is not None else self.session.model_name) + ".zip"
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Export to bioimage.io (a .zip package)", suggested, "bioimage.io package (*.zip)"
+        )
+        if path:
+            self.export_bioimageio(path if path.lower().endswith(".zip") else path + ".zip")
+
+    def export_bioimageio(self, path: str | Path, name: str | None = None, version=None):
+        """Write a bioimage.io package in a thread worker (a progress bar per step).
+
+        The file dialog has already asked before replacing a file, so ``path`` is overwritten.
+        Returns the started worker, or None when the model cannot be read.
+        """
+        from napari.qt.threading import create_worker
+
+        from .. import bioimageio
+
+        try:
+            e = self.entry(name) if name is not None else self.selected_entry()
+            if e is None:
+                seg = self.session.segmenter.copy()
+                seg.config["name"] = self.session.model_name
+            elif e.starter:
+                seg = Segmenter.pretrained(e.name)
+            else:
+                found = self.registry.path(e.name, self._version_for(e, name, version))
+                seg = Segmenter.load(found)
+        except Exception as err:  # noqa: BLE001
+            show_error(user_message(err))
+            return None
+        worker = create_worker(
+            bioimageio.export_iter,
+            seg,
+            path,
+            overwrite=True,
+            _progress={"total": 6, "desc": "Export to bioimage.io"},
+            _start_thread=False,
+        )
+        worker.returned.connect(_exported)
+        worker.errored.connect(_export_failed)
+        self._export_worker = worker
+        worker.start()
+        return worker
+
     def _new_clicked(self, *_: Any) -> None:
         self.new_model()
+
+
+def _exported(path: Path) -> None:
+    show_info(f"bioimage.io package written: {path} (check it with: bioimageio test {path})")
+
+
+def _export_failed(err: BaseException) -> None:
+    show_error(user_message(err))
