@@ -152,7 +152,7 @@ def test_train_into_registry_and_models(
     pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert cli.main(["models", "list"]) == 0
-    assert "no models" in capsys.readouterr().out
+    assert "no saved models" in capsys.readouterr().out
 
     assert _train(pair, "registry:tiny", "--val", "0") == 0
     capsys.readouterr()
@@ -167,7 +167,7 @@ def test_train_into_registry_and_models(
     assert cli.main(["models", "rm", "small"]) == 0
     capsys.readouterr()
     assert cli.main(["models", "list"]) == 0
-    assert "no models" in capsys.readouterr().out
+    assert "no saved models" in capsys.readouterr().out
 
 
 def test_train_ctrl_c_still_saves(

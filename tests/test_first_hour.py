@@ -55,7 +55,8 @@ def loop(viewer_session, qtbot):
     train.steps_spin.setValue(2)
     yield viewer, predict, train, session
     qtbot.waitUntil(lambda: not predict.running, timeout=20_000)
-    qtbot.waitUntil(lambda: train.state.value not in (State.TRAINING, State.STOPPING), timeout=20_000)
+    busy = (State.TRAINING, State.STOPPING)
+    qtbot.waitUntil(lambda: train.state.value not in busy, timeout=20_000)
     qtbot.waitUntil(lambda: QThreadPool.globalInstance().activeThreadCount() == 0, timeout=5_000)
 
 

@@ -277,7 +277,90 @@ def load_segmenter(spec: str) -> Segmenter:
         return Segmenter.load(ModelRegistry().path(name, version))
     if spec.startswith(_PRETRAINED):
         return Segmenter.pretrained(spec[len(_PRETRAINED) :] or "nuclei")
+    if not Path(spec).expanduser().exists():
+        raise CLIError(_no_model_message(spec))
     return Segmenter.load(spec)
+
+
+def starter_names() -> list[str]:
+    """Names of the starter models shipped in the package (``pretrained:NAME``)."""
+    from importlib import resources
+
+    root = resources.files("napari_unet") / "models"
+    try:
+        return sorted(p.name for p in root.iterdir() if p.is_dir())
+    except OSError:
+        return []
+
+
+def _no_model_message(spec: str) -> str:
+    """'no model at X' with what the user probably meant (a starter or a registry name)."""
+    text = f"no model file or folder {spec!r}"
+    name, _ = _parse_registry_spec(spec)
+    if name in starter_names():
+        return f"{text}; did you mean pretrained:{name} (the starter model shipped with {PROG})?"
+    try:
+        names = [i.name for i in ModelRegistry().list()]
+    except (OSError, ValueError):
+        names = []
+    if name in names:
+        return f"{text}; did you mean registry:{spec} (see '{PROG} models list')?"
+    starters = ", ".join(f"pretrained:{n}" for n in starter_names()) or "none"
+    return (
+        f"{text}; give a saved model's path, registry:NAME ('{PROG} models list') or a starter "
+        f"model ({starters})"
+    )
+
+
+def _model_words(seg: Segmenter, source: str | None) -> str:
+    """A model as a user names it: 'a new instance model (2D, 1 channel)' (no repr)."""
+    classes = f", {seg.net.out_channels} classes" if seg.task == "semantic" else ""
+    what = f"{seg.task}, {seg.ndim}D, {seg.in_channels} channel{'s' if seg.in_channels > 1 else ''}"
+    if source:
+        return f"model {source} ({what}{classes})"
+    return f"a new {seg.task} model ({seg.ndim}D, {seg.in_channels} channel(s){classes})"
+
+
+def _threads_words() -> str:
+    import torch
+
+    n = torch.get_num_threads()
+    return f"{n} CPU thread{'s' if n != 1 else ''} (--threads N to choose)"
+
+
+def _check_overwrite(target: str, overwrite: bool) -> None:
+    """Refuse to replace a saved model at ``-o`` unless ``--overwrite`` is given."""
+    if overwrite or target.startswith(_REGISTRY):
+        return  # the registry keeps every version
+    p = Path(target).expanduser()
+    holds = p.is_file() or (
+        p.is_dir() and ((p / "config.json").exists() or any(p.glob("*.safetensors")))
+    )
+    if holds:
+        raise CLIError(
+            f"{p} already holds a model: add --overwrite to replace it, or choose another -o "
+            "(registry:NAME keeps every version)"
+        )
+
+
+# Python names in the core's messages -> the options a command-line user types
+_CLI_WORDS = (
+    (re.compile(r"\bchannel=\.\.\."), "--channel C"),
+    (re.compile(r"\bchannel=(-?\d+)"), r"--channel \1"),
+    (re.compile(r"\bdevice='([\w:]+)' or '([\w:]+)'"), r"--device \1 or --device \2"),
+    (re.compile(r"\bdevice='([\w:]+)'"), r"--device \1"),
+    (re.compile(r"\btile_shape\b"), "--tile"),
+    (re.compile(r"\bbatch_size\b"), "--batch-size"),
+    (re.compile(r"\btime_limit_s\b"), "--time"),
+    (re.compile(r"\bval_fraction\b"), "--val"),
+)
+
+
+def cli_words(message: str) -> str:
+    """Translate the core's Python words (``channel=...``, ``device='auto'``) into options."""
+    for pattern, repl in _CLI_WORDS:
+        message = pattern.sub(repl, message)
+    return message
 
 
 def _save_segmenter(seg: Segmenter, target: str) -> str:
@@ -451,6 +534,15 @@ def _progress_line(ev: TrainProgress) -> str:
     return "  ".join(parts)
 
 
+def _load_monitor():
+    """A :class:`~napari_unet.cpu.LoadMonitor` for torch's current thread count."""
+    import torch
+
+    from .cpu import LoadMonitor
+
+    return LoadMonitor(torch.get_num_threads())
+
+
 def _consume_training(
     gen: Iterator[TrainProgress],
     on_event: Callable[[TrainProgress], None],
@@ -490,6 +582,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     for p in [*args.images, *args.labels, *(args.masks or [])]:
         _check_file(p, "input")
     _check_output_target(args.output)
+    _check_overwrite(args.output, args.overwrite)
     _outputs.refuse_inputs([args.output], [*args.images, *args.labels, *(args.masks or [])], "-o")
     registry = ModelRegistry().root if args.output.startswith(_REGISTRY) else None
     _outputs.check_writable_target(args.output, "-o", registry)
@@ -527,7 +620,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             name=name,
         )
     print(
-        f"training {seg!r} on {n} image(s) for "
+        f"training {_model_words(seg, args.from_model)} on {n} image(s) with "
+        f"{_threads_words()} for "
         + " / ".join(
             x
             for x in (
@@ -555,8 +649,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         names=names,
     )
     state = {"printed": -math.inf}
+    monitor = _load_monitor()
 
     def report(ev: TrainProgress) -> None:
+        warning = monitor.update(ev.step, ev.seconds)
+        if warning:
+            _warn(warning)
         now = time.monotonic()
         if ev.done or now - state["printed"] >= args.print_every:
             state["printed"] = now
@@ -580,6 +678,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if last.val_f1 is not None:
         summary += f", validation F1@0.5 {last.val_f1:.3f}"
     print(summary)
+    if monitor.note:
+        print(f"note: {monitor.note}")
     # on failure: the working, temporary or home folder, and the message says which
     where = _outputs.save_or_rescue(
         lambda: _save_segmenter(seg, args.output), seg.save, "-o", args.output
@@ -684,6 +784,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.seconds <= 0:
         raise CLIError("--seconds must be positive")
     out = Path(args.output).expanduser()
+    print(f"writing the demo's images, predictions and model to {out} (choose with -o DIR)")
     out.mkdir(parents=True, exist_ok=True)
     shape = (args.size, args.size)
     train_img, train_lab = data.make_nuclei(shape, seed=args.seed)
@@ -707,11 +808,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     show = _progress_enabled(args)
     total_s, total_steps = 0.0, 0
     interrupted = False
+    monitor = _load_monitor()
     for k in range(1, args.rounds + 1):
+        monitor.restart()
         bar = ProgressBar(show, label=f"round {k}")
 
         def on_event(ev: TrainProgress, bar: ProgressBar = bar) -> None:
             bar.update(ev.fraction, 1.0, f"{ev.seconds:.0f}/{args.seconds:g} s, step {ev.step}")
+            warning = monitor.update(ev.step, ev.seconds)
+            if warning:
+                _warn(warning)
 
         gen = seg.finetune(
             train_img,
@@ -758,9 +864,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     if rows:
         last_pred = out / f"prediction_round{len(rows)}.tif"
+        if monitor.note:
+            print(f"\nnote: {monitor.note}")
         print("next:")
         print(f"  napari-unet predict {out / 'model'} YOUR_IMAGE.tif -o results/")
         print(f"  napari-unet evaluate {last_pred} --truth {out / 'test_labels.tif'}")
+        print(
+            "  python -m napari_unet   # napari with a real fluorescence image (DSB2018, CC0) "
+            "to correct and train on"
+        )
     if interrupted:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -771,22 +883,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _short_list(items: Sequence[str], limit: int = 40) -> str:
+    """Whole items, joined by ', ', as many as fit in ``limit`` characters, then '(+N more)'.
+
+    Items are never cut (one may hold commas or brackets: '48 generated nuclei images (...)').
+    """
     if not items:
         return "-"
     text = ", ".join(items)
     if len(text) <= limit:
         return text
-    shown = text[: limit - 12].rsplit(", ", 1)[0]
-    rest = len(items) - len(shown.split(", "))
-    return f"{shown} (+{rest} more)"
+    shown: list[str] = []
+    for item in items:
+        if shown and len(", ".join([*shown, item])) > limit - 12:
+            break
+        shown.append(item)
+    if len(shown) == 1 and len(shown[0]) > limit - 12:
+        shown = [shown[0][: limit - 15].rstrip() + "..."]
+    rest = len(items) - len(shown)
+    return ", ".join(shown) + (f" (+{rest} more)" if rest else "")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     reg = ModelRegistry()
     if args.models_command == "list":
         infos = reg.list()
+        starters = starter_names()
+        if starters:
+            print(
+                "starter models shipped with the package (use as pretrained:NAME): "
+                + ", ".join(starters)
+            )
         if not infos:
-            print(f"no models in {reg.root}")
+            print(
+                f"no saved models yet in {reg.root} (train one with '{PROG} train ... "
+                "-o registry:NAME', or in napari's U-Net Train widget)"
+            )
             return 0
         rows = [
             [
@@ -838,7 +969,9 @@ def _non_negative_float(text: str) -> float:
 
 _MODEL_HELP = (
     "a saved model (folder or .safetensors file), registry:NAME[@VERSION] (see "
-    "'napari-unet models list'), pretrained:NAME (a starter model shipped with the package) "
+    "'napari-unet models list'), pretrained:NAME (a starter model shipped with the package: "
+    + (", ".join(starter_names()) or "none")
+    + ") "
     "or 'new' (an untrained model, for testing)"
 )
 
@@ -935,6 +1068,11 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="MODEL_DIR",
         help="where to save the model: a folder, a .safetensors file or registry:NAME",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a model already saved at -o (without it, an existing model is kept)",
     )
     p.add_argument(
         "--from",
@@ -1048,6 +1186,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ============================================================================ main
 
 
+_TORCH_COMMANDS = ("predict", "train", "demo")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 error, 130 interrupted)."""
     parser = build_parser()
@@ -1060,17 +1201,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     old_threads = None
     try:
-        if args.threads:
+        if args.threads or args.command in _TORCH_COMMANDS:
             import torch
 
+            from .cpu import default_threads
+
             old_threads = torch.get_num_threads()
-            torch.set_num_threads(args.threads)
+            # the free cores, measured (as the widgets do, less the viewer's core): more
+            # threads than free cores made training 17x slower (docs/benchmarks.md)
+            torch.set_num_threads(args.threads or default_threads(gui=False))
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError) as e:  # CLIError, ModelFileError, TiffFileError, missing files
-        print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
+        print(f"{PROG}: error: {cli_words(_message(e))}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if "out of memory" not in str(e).lower():

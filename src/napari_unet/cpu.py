@@ -19,6 +19,8 @@ import time
 
 __all__ = ["busy_cores", "default_threads", "LoadMonitor"]
 
+CHECK_EVERY_S = 5.0  # how often a LoadMonitor measures (tests set it to 0)
+
 
 def _cores() -> int:
     return max(1, os.cpu_count() or 1)
@@ -98,9 +100,10 @@ class LoadMonitor:
     training's threads need. :attr:`note` is a sentence for the summary (None on a quiet CPU).
     """
 
-    def __init__(self, threads: int, every_s: float = 5.0, slow_fraction: float = 0.5):
+    def __init__(self, threads: int, every_s: float | None = None, slow_fraction: float = 0.5):
         self.threads = max(1, int(threads))
-        self.every_s, self.slow_fraction = every_s, slow_fraction
+        self.every_s = CHECK_EVERY_S if every_s is None else every_s
+        self.slow_fraction = slow_fraction
         self._sampler = _Sampler()
         self._last = (0, 0.0)  # (step, seconds) at the last measurement
         self.best: float | None = None  # best steps/s over a window
@@ -109,9 +112,14 @@ class LoadMonitor:
         self.warned = False
         self.note: str | None = None
 
+    def restart(self) -> None:
+        """A new training run (its steps and seconds count from 0 again); the best rate stays."""
+        self._last = (0, 0.0)
+        self._sampler = _Sampler()
+
     def update(self, step: int, seconds: float) -> str | None:
         s0, t0 = self._last
-        if seconds - t0 < self.every_s or step <= s0:
+        if seconds - t0 < self.every_s or step <= s0 or seconds <= t0:
             return None
         rate = (step - s0) / (seconds - t0)
         self._last = (step, seconds)
