@@ -29,7 +29,14 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["check_regular_file", "recover", "replace_folder", "sweep", "sweep_older"]
+__all__ = [
+    "check_regular_file",
+    "fsync_dir",
+    "recover",
+    "replace_folder",
+    "sweep",
+    "sweep_older",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +64,8 @@ def _glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Best-effort fsync of a directory so a rename inside it is durable (POSIX only)."""
     if os.name != "posix":
         return
     try:
@@ -90,7 +98,7 @@ def recover(target: Path, complete: Callable[[Path], bool] = lambda p: True) -> 
             logger.warning("cannot restore %s from %s (%s); reading it from there", target, old, e)
             return old
         logger.warning("restored %s from %s (a save was interrupted)", target, old.name)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return target
     return None
 
@@ -117,13 +125,7 @@ def sweep(target: Path, extra: Iterable[Path] = ()) -> int:
     n = 0
     for p in stale:
         try:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                os.unlink(p)
-            n += 1
-        except FileNotFoundError:
-            pass
+            n += _remove(p)
         except OSError as e:
             logger.warning("could not remove the stale temp file %s: %s", p, e)
     if n:
@@ -135,17 +137,22 @@ def sweep_older(paths: Iterable[Path], seconds: float) -> int:
     """Delete the given temp entries that were last modified more than ``seconds`` ago."""
     now, n = time.time(), 0
     for p in paths:
-        try:
-            if now - p.stat().st_mtime < seconds:
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                os.unlink(p)
-            n += 1
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime >= seconds:
+                n += _remove(p)
     return n
+
+
+def _remove(p: Path) -> int:
+    """Delete a file or folder; 1 if removed, 0 if it was already gone."""
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            os.unlink(p)
+    except FileNotFoundError:
+        return 0
+    return 1
 
 
 def replace_folder(target: Path, new: Path) -> None:
@@ -161,7 +168,7 @@ def replace_folder(target: Path, new: Path) -> None:
     except BaseException:
         os.replace(old, target)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     try:
         shutil.rmtree(old)
     except OSError as e:  # the new model is in place; the old copy goes at the next save

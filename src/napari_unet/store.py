@@ -196,20 +196,7 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    """Best-effort fsync of a directory so a rename inside it is durable (POSIX only)."""
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_fsync_dir = fileio.fsync_dir
 
 
 def _umask() -> int:
