@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 
 from . import __version__, _cli_ecosystem, _outputs, data, store
+from .config import MAX_VAL_FRACTION
 from .store import ModelRegistry
 
 if TYPE_CHECKING:
@@ -577,8 +578,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     time_limit = args.time if args.time and args.time > 0 else None
     if time_limit is None and args.steps is None:
         raise CLIError("give a time budget (--time SECONDS) or a number of steps (--steps N)")
-    if not 0 <= args.val < 0.5:
-        raise CLIError(f"--val must be between 0 and 0.5, not {args.val}")
+    if not 0 <= args.val < MAX_VAL_FRACTION:  # the rule of finetune's val_fraction
+        raise CLIError(f"--val must be between 0 and {MAX_VAL_FRACTION}, not {args.val}")
     for p in [*args.images, *args.labels, *(args.masks or [])]:
         _check_file(p, "input")
     _check_output_target(args.output)
