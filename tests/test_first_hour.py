@@ -149,3 +149,43 @@ def test_loss_curve_caption_names_only_what_is_drawn(qtbot):
     assert "val F1" not in curve.caption(10)
     curve.show_val = True
     assert "val F1" in curve.caption(10)
+
+
+# ----------------------------------------------------------------------------- item 5 (GUI)
+def test_train_threads_auto_and_a_busy_cpu_is_said(loop, qtbot, messages, monkeypatch):
+    from napari_unet import cpu
+
+    viewer, _, train, _ = loop
+    asked = []
+    monkeypatch.setattr(train_mod, "default_threads", lambda gui=False: asked.append(gui) or 1)
+    monkeypatch.setattr(cpu, "CHECK_EVERY_S", 0.0)
+    monkeypatch.setattr(cpu, "_cores", lambda: 2)
+    monkeypatch.setattr(cpu._Sampler, "others", lambda self: 1.6)  # another program is busy
+    train.threads_spin.setValue(0)
+    assert train.threads_spin.text().startswith("auto")
+    train.labels_combo.set_value(viewer.layers["img truth"])
+    assert train.train() is not None
+    assert asked and asked[0] is True  # the same rule as the CLI, less the viewer's core
+    qtbot.waitUntil(lambda: train.state.value in (State.DONE, State.FAILED), timeout=30_000)
+    assert train.state.value == State.DONE, messages
+    assert any("slowed by other programs" in m for m in messages["warning"]), messages
+    assert "the CPU was shared with other programs" in train.status_label.text()
+
+
+# ----------------------------------------------------------------------------- item 6 (GUI)
+def test_models_widget_trained_on_column_is_not_behind_a_scrollbar(viewer_session):
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QHeaderView
+
+    from napari_unet._widgets.models import MODEL_COLUMNS, ModelManagerWidget
+
+    viewer, _ = viewer_session
+    w = ModelManagerWidget(viewer)
+    viewer.window.add_dock_widget(w, name="U-Net Models")
+    for table in (w.table, w.versions_table):
+        header = table.horizontalHeader()
+        cols = [table.horizontalHeaderItem(i).text() for i in range(table.columnCount())]
+        wide = cols.index("Trained on")
+        assert header.sectionResizeMode(wide) == QHeaderView.ResizeMode.Stretch
+        assert table.horizontalScrollBarPolicy() == Qt.ScrollBarPolicy.ScrollBarAlwaysOff
+    assert "Trained on" in MODEL_COLUMNS

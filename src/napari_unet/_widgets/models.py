@@ -193,8 +193,14 @@ def _table(columns: tuple[str, ...]) -> QTableWidget:
     t.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
     t.verticalHeader().setVisible(False)
     t.setWordWrap(False)
-    t.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-    t.horizontalHeader().setStretchLastSection(True)
+    header = t.horizontalHeader()
+    header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+    # "Trained on" takes the width that is left and elides its text (the whole list is its
+    # tooltip): sized to its contents it went behind a horizontal scrollbar
+    wide = columns.index("Trained on") if "Trained on" in columns else len(columns) - 1
+    header.setSectionResizeMode(wide, QHeaderView.ResizeMode.Stretch)
+    t.setTextElideMode(Qt.TextElideMode.ElideRight)
+    t.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     return t
 
 
