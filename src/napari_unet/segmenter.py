@@ -35,6 +35,7 @@ from .postprocess import (
     instances_from_probabilities,
     link_to_previous,
 )
+from .postprocess3d import SliceLinker, instances_3d_from_stack
 from .targets import IGNORE, instance_targets, semantic_targets
 from .tiling import BlockCache, chunk_shape, plan_tiles, tiled_inference
 from .training import TrainProgress, TrainSample, thread_limit, train
@@ -490,7 +491,9 @@ class Segmenter:
                                 yield done + int(d * per_plane), total
                             done += per_plane
                     t1 = time.perf_counter()
-                    labels = self._postprocess(probs, spacing)
+                    labels = self._postprocess(
+                        probs, spacing, volume=lambda t: _signal(canon, lo, hi, t)
+                    )
                     yield total, total
                     t2 = time.perf_counter()
                     labels = _from_tz(labels, keep)
@@ -511,12 +514,21 @@ class Segmenter:
                                 if self.task == "semantic":
                                     final = classes_from_probabilities(pbuf)
                                 else:
-                                    self._instances(pbuf, lbuf, spacing)
+                                    if nd == 3:
+                                        sig = _signal(canon, lo, hi, t)
+                                        self._instances_3d(pbuf, lbuf, spacing, sig)
+                                    else:
+                                        self._instances(pbuf, lbuf, spacing)
                                     linking = nd == 2 and Z > 1
-                                    final, next_id = link_to_previous(
-                                        prev, lbuf, next_id, out=None if linking else lbuf
-                                    )
-                                    prev = final if linking else None
+                                    if linking:  # one slice at a time; the linker never chains
+                                        if z == 0:
+                                            prev = SliceLinker(start_id=next_id)
+                                        final = prev(lbuf, _signal(canon, lo, hi, t, z))
+                                        next_id = prev.next_id
+                                    else:
+                                        final, next_id = link_to_previous(
+                                            None, lbuf, next_id, out=lbuf
+                                        )
                                 _write_labels(labels_out, final, keep, t, z)
                                 pp_s += time.perf_counter() - t1
                     yield total, total
@@ -562,8 +574,31 @@ class Segmenter:
             spacing=spacing if probs.ndim == 4 else None,
         )
 
-    def _postprocess(self, probs: np.ndarray, spacing=None) -> np.ndarray:
-        """(K, T, Z, Y, X) probabilities -> (T, Z, Y, X) int32 labels, ids unique over T."""
+    def _instances_3d(self, probs: np.ndarray, out: np.ndarray, spacing, image) -> np.ndarray:
+        """(3, Z, Y, X) -> (Z, Y, X) objects, by the config's ``postprocess.assembly``:
+        ``"3d"`` (default) or ``"2d-linked"`` (2D objects per slice, then linked)."""
+        pp = self.config.get("postprocess", {})
+        if pp.get("assembly") == "2d-linked":
+            linker = SliceLinker()
+            for z in range(probs.shape[1]):
+                self._instances(probs[:, z], out[z], None)
+                out[z] = linker(out[z], None if image is None else image[z])
+            return out
+        kw = {k: pp[k] for k in ("min_size", "min_seed_size") if pp.get(k) is not None}
+        return instances_3d_from_stack(
+            probs,
+            spacing,
+            image=image,
+            seed_threshold=pp.get("seed_threshold", 0.5),
+            foreground_threshold=pp.get("foreground_threshold", 0.5),
+            out=out,
+            **kw,
+        )
+
+    def _postprocess(self, probs: np.ndarray, spacing=None, volume=None) -> np.ndarray:
+        """(K, T, Z, Y, X) probabilities -> (T, Z, Y, X) int32 labels, ids unique over T.
+
+        ``volume(t)``, when given, is frame t's (Z, Y, X) intensities for the 3D assembly."""
         _, T, Z, Y, X = probs.shape
         labels = np.zeros((T, Z, Y, X), np.int32)
         offset = 0
@@ -573,7 +608,10 @@ class Segmenter:
                 continue
             p = probs[:, t] if Z > 1 else probs[:, t, 0]
             out = labels[t] if Z > 1 else labels[t, 0]
-            self._instances(p, out, spacing)
+            if Z > 1:
+                self._instances_3d(p, out, spacing, volume(t) if volume is not None else None)
+            else:
+                self._instances(p, out, spacing)
             if offset:
                 lt = labels[t]
                 lt[lt > 0] += offset
@@ -783,6 +821,16 @@ class Segmenter:
                 seen.append(n)
         if p.val_f1 is not None:
             self.config["val_score"] = p.val_f1
+
+
+def _signal(canon: Any, lo: np.ndarray, hi: np.ndarray, t: int, z: int | None = None):
+    """Normalised intensity, mean over channels, of frame ``t`` (Z, Y, X) or its slice ``z``."""
+    x = np.array(canon[t] if z is None else canon[t, z], np.float32)  # (Z,) C, Y, X; a copy
+    shape = [1] * x.ndim
+    shape[x.ndim - 3] = -1
+    x -= lo.reshape(shape)
+    x /= np.maximum(hi - lo, 1e-6).reshape(shape)
+    return x.mean(axis=x.ndim - 3)
 
 
 def _normalizer(lo: np.ndarray, hi: np.ndarray, channel_axis: int, ndim: int):

@@ -1,0 +1,331 @@
+"""True 3D objects from a stack of probabilities (a 2D network slice by slice, or a 3D network).
+
+A 2D network looks at one slice at a time. Between two nuclei stacked in Z the out-of-focus
+haze looks like a dim nucleus, so every slice of the column is called "interior" and any
+assembly that only follows the probabilities (3D connected seeds, or linking slices by overlap)
+chains the nuclei into one column. The assembly here works on the stacked ``(Z, Y, X)``
+probabilities with the voxel anisotropy, in three steps:
+
+1. **Seeds.** The interior probability is smoothed with a Gaussian of the same physical width in
+   every direction (``smooth`` in-plane pixels, ``smooth * Y / Z`` slices). Its confident core is
+   measured by a Euclidean distance transform with ``sampling=spacing``, and every core region
+   whose distance peak stands ``h`` pixels above its saddle with a neighbour is one seed
+   (h-maxima), so two nuclei joined by a neck are two seeds.
+2. **Growth.** Seeds grow by watershed over the smoothed foreground (``-distance`` inside the
+   core, ``1 - interior`` outside).
+3. **Where the signal ends.** Every object's Z profile of the image signal (sum over the object's
+   pixels of each slice of ``image - background``) is cut at each valley deeper than ``valley``
+   times the lower of the two peaks beside it (two stacked nuclei), and its slices under
+   ``trim`` times the peak of their part are dropped (the haze above and below a nucleus).
+
+For volumes too big to assemble at once the slices are linked one after the other by
+:class:`SliceLinker`, which applies the rules of step 3 as it goes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
+
+from .metrics import _overlap
+
+__all__ = ["instances_3d_from_stack", "split_by_z_profile", "SliceLinker", "relative_spacing"]
+
+#: Default seed height ``h`` as a fraction of the median core radius.
+H_FRACTION = 0.3
+
+
+def relative_spacing(spacing: Any, ndim: int = 3) -> np.ndarray:
+    """``(Z, Y, X)`` voxel size in units of the in-plane pixel (``None``: isotropic)."""
+    if spacing is None:
+        return np.ones(ndim)
+    sp = np.asarray([float(v) for v in spacing][-ndim:], float)
+    if sp.shape != (ndim,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise ValueError(f"spacing must be {ndim} positive numbers (Z, Y, X), got {spacing!r}")
+    return sp / np.sqrt(sp[-1] * sp[-2])
+
+
+def _z_profiles(labels: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """(N + 1, Z): per object and slice, the sum of ``weights`` (or the pixel count)."""
+    Z = labels.shape[0]
+    n = int(labels.max()) if labels.size else 0
+    prof = np.zeros((n + 1, Z))
+    for z in range(Z):
+        lz = labels[z].ravel()
+        w = None if weights is None else weights[z].ravel()
+        prof[:, z] = np.bincount(lz, weights=w, minlength=n + 1)[: n + 1]
+    prof[0] = 0
+    return prof
+
+
+def _cut_profile(s: np.ndarray, valley: float, trim: float) -> list[tuple[int, int, np.ndarray]]:
+    """Parts ``(lo, hi, keep)`` of one Z profile: split at deep valleys, tails trimmed."""
+    zs = np.flatnonzero(s > 0)
+    if zs.size == 0:
+        return []
+    a, b = int(zs[0]), int(zs[-1]) + 1
+    seg = s[a:b].astype(float)
+    # a light [1, 2, 1] / 4 smoothing against noise; it must not fill the valley of short objects
+    sm = ndimage.correlate1d(seg, [0.25, 0.5, 0.25], mode="nearest") if seg.size >= 5 else seg
+    cuts = [0]
+    for i in range(1, sm.size - 1):
+        if sm[i] <= sm[i - 1] and sm[i] <= sm[i + 1]:
+            left, right = sm[cuts[-1] : i].max(), sm[i + 1 :].max()
+            if sm[i] < valley * min(left, right):
+                cuts.append(i)
+    cuts.append(sm.size)
+    parts = []
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        peak = sm[lo:hi].max()
+        parts.append((a + lo, a + hi, sm[lo:hi] >= trim * peak))
+    return parts
+
+
+def _background_level(image: np.ndarray, labels: np.ndarray) -> float:
+    out = image[labels == 0]
+    return float(np.median(out)) if out.size else float(np.min(image))
+
+
+def split_by_z_profile(
+    labels: np.ndarray,
+    image: np.ndarray | None,
+    *,
+    valley: float = 0.7,
+    trim: float = 0.15,
+) -> np.ndarray:
+    """Split objects whose Z profile of signal has a deep valley; drop their faint end slices.
+
+    Parameters
+    ----------
+    labels
+        int ``(Z, Y, X)`` instance labels (changed in place and returned).
+    image
+        float ``(Z, Y, X)`` intensities (any scale), or None to use the objects' areas.
+    valley
+        A local minimum of the profile under ``valley`` times the smaller of the peaks on its
+        two sides separates two objects (0 disables splitting).
+    trim
+        Slices whose signal is under ``trim`` times the peak of their object are background.
+
+    Returns
+    -------
+    np.ndarray
+        ``labels``, ids 1..N.
+    """
+    if labels.ndim != 3 or labels.shape[0] < 3 or labels.max() == 0:
+        return labels
+    w = None
+    if image is not None:
+        if image.shape != labels.shape:
+            raise ValueError(f"image has shape {image.shape}, labels {labels.shape}")
+        bg = _background_level(image, labels)
+        w = np.clip(image.astype(np.float32) - np.float32(bg), 0, None)
+    prof = _z_profiles(labels, w)
+    n, Z = prof.shape[0] - 1, labels.shape[0]
+    lut = np.zeros((n + 1, Z), np.int64)
+    nxt = n + 1
+    for k in range(1, n + 1):
+        for j, (lo, hi, keep) in enumerate(_cut_profile(prof[k], valley, trim)):
+            new = k if j == 0 else nxt
+            nxt += j > 0
+            lut[k, lo:hi] = np.where(keep, new, 0)
+    ids = np.unique(lut)
+    ids = ids[ids > 0]
+    remap = np.zeros(nxt, np.int32)
+    remap[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+    lut32 = remap[lut]
+    for z in range(Z):
+        labels[z] = lut32[labels[z], z]
+    return labels
+
+
+def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= max(min_size, 1)
+    keep[0] = False
+    lut = np.zeros(sizes.shape[0], np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    labels[...] = lut[labels]
+    return labels
+
+
+def instances_3d_from_stack(
+    probabilities: np.ndarray,
+    spacing: Any = None,
+    *,
+    image: np.ndarray | None = None,
+    seed_threshold: float = 0.5,
+    foreground_threshold: float = 0.5,
+    smooth: float = 2.0,
+    h: float | None = None,
+    valley: float = 0.7,
+    trim: float = 0.15,
+    min_size: int | None = None,
+    min_seed_size: int | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """3D instance labels from stacked background / interior / boundary probabilities.
+
+    Parameters
+    ----------
+    probabilities
+        float ``(3, Z, Y, X)`` (softmax output of a 2D network slice by slice, or of a 3D one).
+    spacing
+        Physical voxel size ``(Z, Y, X)`` (e.g. a napari layer's scale); None: isotropic.
+    image
+        Optional ``(Z, Y, X)`` intensities of the same volume (normalised or raw): objects are cut
+        where their signal ends in Z (see :func:`split_by_z_profile`). Without it the objects'
+        areas are used.
+    seed_threshold, foreground_threshold
+        Smoothed interior probability of a seed core; foreground = smoothed
+        ``1 - background`` above this.
+    smooth
+        Gaussian sigma in in-plane pixels (the same physical width along Z); 0 disables.
+    h
+        Height, in in-plane pixels of distance, a core's peak must stand above the saddle with
+        a neighbour to be a seed of its own; larger merges more. Default: ``H_FRACTION`` times
+        the median radius of the cores (so the rule does not depend on the nuclei's size).
+    valley, trim
+        Z-profile rules, see :func:`split_by_z_profile` (``valley=0`` and ``trim=0`` disable).
+    min_size, min_seed_size
+        Smallest object / seed in isotropic voxels at the in-plane resolution (default 40 / 8).
+    out
+        Optional int32 ``(Z, Y, X)`` array to write into.
+
+    Returns
+    -------
+    np.ndarray
+        int32 ``(Z, Y, X)``; 0 = background, objects 1..N.
+    """
+    prob = np.asarray(probabilities)
+    if prob.ndim != 4 or prob.shape[0] != 3:
+        raise ValueError(
+            "3D instance assembly expects probabilities of shape (3, Z, Y, X) "
+            f"(background, interior, boundary), got {prob.shape}"
+        )
+    spatial = prob.shape[1:]
+    sp = relative_spacing(spacing)
+    vox = float(sp[0] * sp[1] * sp[2])
+    min_size = 40 if min_size is None else int(min_size)
+    min_seed_size = 8 if min_seed_size is None else int(min_seed_size)
+    sigma = tuple(float(smooth) / sp) if smooth and smooth > 0 else None
+
+    def _smooth(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        return ndimage.gaussian_filter(x, sigma, mode="nearest") if sigma else x
+
+    interior = _smooth(prob[1])
+    fg = _smooth(prob[0])
+    fg_mask = fg < np.float32(1.0 - foreground_threshold)
+    del fg
+    core = (interior > seed_threshold) & fg_mask
+    labels = np.zeros(spatial, np.int32) if out is None else out
+    if labels.shape != spatial:
+        raise ValueError(f"out has shape {labels.shape}, expected {spatial}")
+    labels[...] = 0
+    if not core.any():
+        return labels
+    # small cores are noise (their volume counted at the in-plane resolution)
+    cores, _ = ndimage.label(core)
+    _drop_small(cores, int(np.ceil(min_seed_size / vox)))
+    core = cores > 0
+    dist = ndimage.distance_transform_edt(core, sampling=sp)  # float64: h_maxima needs it
+    if h is None:  # a fraction of the typical core radius: the same rule at every object size
+        n_cores = int(cores.max())
+        radii = ndimage.maximum(dist, cores, np.arange(1, n_cores + 1)) if n_cores else [0.0]
+        h = float(np.clip(H_FRACTION * np.median(radii), 1.0, None))
+    del cores
+    peaks = h_maxima(dist, float(h)) if h > 0 else core
+    markers, n = ndimage.label(peaks, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return labels
+    elevation = 1.0 - interior
+    elevation[core] = -dist[core]
+    labels[...] = watershed(elevation, markers=markers, mask=fg_mask)
+    del elevation, dist, interior
+    if valley > 0 or trim > 0:
+        split_by_z_profile(labels, image, valley=valley, trim=trim)
+    return _drop_small(labels, int(np.ceil(min_size / vox)))
+
+
+class SliceLinker:
+    """Link the 2D objects of consecutive slices into 3D objects, one slice at a time.
+
+    For volumes too big to assemble in 3D (prediction written plane by plane). An object of a
+    slice takes the id of the object of the previous slice it overlaps most (greedy by IoU, at
+    least ``min_iou``) unless that would chain two nuclei: a link is refused when the previous
+    object's signal has already faded under ``valley`` times its peak and rises again in this
+    slice, or when its IoU with the previous object drops under ``min_iou``. An object whose signal
+    is under ``trim`` times the peak of the object it continues is background (the fading tail).
+
+    Call it with each slice's labels (ids 1..N of that slice) and, optionally, that slice's
+    intensities; it returns the slice with final ids, unique over the volume.
+    """
+
+    def __init__(
+        self, *, min_iou: float = 0.2, valley: float = 0.7, trim: float = 0.15, start_id: int = 1
+    ):
+        self.min_iou, self.valley, self.trim = float(min_iou), float(valley), float(trim)
+        self.next_id = int(start_id)
+        self._prev: np.ndarray | None = None
+        self._peak: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._background: float | None = None
+
+    def __call__(self, current: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
+        current = np.asarray(current)
+        n = int(current.max()) if current.size else 0
+        if n == 0:
+            self._prev = np.zeros(current.shape, np.int32)
+            return self._prev
+        if image is not None:
+            if self._background is None:
+                self._background = _background_level(image, current)
+            w = np.clip(image.astype(np.float32) - np.float32(self._background), 0, None)
+            signal = np.bincount(current.ravel(), weights=w.ravel(), minlength=n + 1)
+        else:
+            signal = np.bincount(current.ravel(), minlength=n + 1).astype(float)
+        lut = np.zeros(n + 1, np.int64)
+        prev = self._prev
+        if prev is not None and prev.shape != current.shape:
+            raise ValueError(f"previous slice has shape {prev.shape}, this one {current.shape}")
+        drop = np.zeros(n + 1, bool)
+        if prev is not None and prev.any():
+            ov = _overlap(current, prev)
+            used_c: set[int] = set()
+            used_p: set[int] = set()
+            for j in np.argsort(-ov.ious, kind="stable"):
+                if ov.ious[j] < self.min_iou:
+                    break
+                c, pi = int(ov.rows[j]), int(ov.cols[j])
+                if c in used_c or pi in used_p:
+                    continue
+                cid, pid = int(ov.pred_ids[c]), int(ov.true_ids[pi])
+                peak, last, s = self._peak[pid], self._last[pid], float(signal[cid])
+                if last < self.valley * peak and s > last:
+                    continue  # faded and rising again: a new nucleus starts here
+                used_c.add(c)
+                used_p.add(pi)
+                lut[cid] = pid
+                if s < self.trim * peak:
+                    drop[cid] = True
+        present = np.flatnonzero(np.bincount(current.ravel(), minlength=n + 1))
+        present = present[present > 0]
+        fresh = present[(lut[present] == 0) & ~drop[present]]
+        lut[fresh] = np.arange(self.next_id, self.next_id + len(fresh))
+        self.next_id += len(fresh)
+        if self.next_id > np.iinfo(np.int32).max:
+            raise ValueError("more than 2**31 objects: the labels do not fit in int32")
+        for cid in present:
+            fid = int(lut[cid])
+            s = float(signal[cid])
+            self._peak[fid] = max(self._peak.get(fid, 0.0), s)
+            self._last[fid] = s
+        # the faded tail keeps its id for linking the next slice, but is background
+        self._prev = lut.astype(np.int32)[current]
+        lut[drop] = 0
+        return lut.astype(np.int32)[current]

@@ -1,0 +1,129 @@
+"""True 3D objects: stacked nuclei stay apart, objects end where their signal ends, the voxel
+size counts, and fine-tuning on part of a volume helps the rest of it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import napari_unet as nu
+from napari_unet import data as D
+from napari_unet.metrics import instance_f1
+from napari_unet.postprocess import instances_from_probabilities
+from napari_unet.postprocess3d import SliceLinker, instances_3d_from_stack, split_by_z_profile
+from napari_unet.synthetic3d import make_nuclei_3d, make_stacked_pair
+
+
+@pytest.fixture(scope="module")
+def starter() -> nu.Segmenter:
+    return nu.Segmenter.pretrained("nuclei")
+
+
+def _z_extent(labels: np.ndarray, i: int) -> list[int]:
+    return np.flatnonzero((labels == i).any(axis=(1, 2))).tolist()
+
+
+def _sphere(a: float, slices: int = 8, size: int = 40, axial: float = 2.0, seed: int = 0):
+    """One nucleus spanning ``slices`` slices at anisotropy ``a``, blurred ``axial`` x in Z."""
+    shape = (slices + 6, size, size)
+    z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
+    r = (slices / 2 + 0.25) * a
+    c = (shape[0] - 1) / 2
+    lab = (((z - c) * a) ** 2 + (y - size / 2) ** 2 + (x - size / 2) ** 2 < r**2).astype(np.int32)
+    rng = np.random.default_rng(seed)
+    tex = D._texture(rng, shape, np.array([a, 1.0, 1.0]))
+    sp = np.array([a / axial, 1.0, 1.0])
+    img = D._form_image(
+        rng, lab, np.ones(1, np.float32), tex, 0.1, sp, 1.0, 20.0, np.dtype("uint16")
+    )
+    return img, lab
+
+
+@pytest.mark.parametrize("a", [1.0, 2.0])
+def test_two_nuclei_stacked_in_z_stay_two(starter, a):
+    img, lab = make_stacked_pair((int(40 / a) + 6, 40, 40), radius=8, anisotropy=a)
+    pred = starter.predict(img, "ZYX", scale=(a, 1, 1))
+    assert pred.labels.max() == 2
+    assert instance_f1(pred.labels, lab) == 1.0
+    # the old assembly (3D-connected seeds) chains them into one column
+    assert instances_from_probabilities(pred.probabilities, spacing=(a, 1, 1)).max() == 1
+
+
+def test_stacked_pair_from_haze_probabilities():
+    """A network that calls the haze between two nuclei 'interior' (a 2D net does): the 3D
+    assembly still cuts the column where the signal dips."""
+    img, lab = make_stacked_pair((26, 40, 40), radius=8, anisotropy=2.0)
+    zs = np.flatnonzero(lab.any(axis=(1, 2)))
+    column = np.zeros(lab.shape, bool)
+    column[zs[0] : zs[-1] + 1] = (lab > 0).any(axis=0)  # every slice, the gap too: the widest disc
+    prob = np.zeros((3,) + lab.shape, np.float32)
+    prob[1] = column
+    prob[0] = ~column
+    out = instances_3d_from_stack(prob, (2.0, 1, 1), image=img.astype(np.float32))
+    assert out.max() == 2
+    assert instance_f1(out, lab) == 1.0
+
+
+@pytest.mark.parametrize("a", [2.0, 3.0])
+def test_nucleus_spanning_8_slices_is_one_object_of_8_slices(starter, a):
+    img, lab = _sphere(a)
+    assert len(_z_extent(lab, 1)) == 8
+    pred = starter.predict(img, "ZYX", scale=(a, 1, 1)).labels
+    assert pred.max() == 1
+    assert _z_extent(pred, 1) == _z_extent(lab, 1)
+
+
+def test_streaming_path_does_not_chain(starter):
+    """labels_out: slices linked one at a time (too big to assemble in 3D), still two objects."""
+    img, lab = make_stacked_pair((26, 40, 40), radius=8, anisotropy=2.0)
+    out = np.zeros(lab.shape, np.int32)
+    starter.predict(img, "ZYX", scale=(2, 1, 1), labels_out=out)
+    assert out.max() == 2
+    assert instance_f1(out, lab) == 1.0
+
+
+def test_slice_linker_refuses_a_link_after_the_signal_faded():
+    disc = np.zeros((9, 9), np.int32)
+    disc[2:7, 2:7] = 1
+    signal = [1.0, 3.0, 3.0, 0.5, 0.4, 3.0, 3.0, 1.0]  # two nuclei, a faint gap between
+    linker = SliceLinker()
+    ids = [int(linker(disc, disc * s).max()) for s in signal]
+    assert ids[:3] == [1, 1, 1] and ids[5:7] == [2, 2]
+    assert linker.next_id == 3
+
+
+def test_split_by_z_profile_keeps_a_single_nucleus():
+    img, lab = _sphere(2.0)
+    out = split_by_z_profile(lab.copy(), img.astype(np.float32))
+    assert out.max() == 1 and _z_extent(out, 1) == _z_extent(lab, 1)
+
+
+def test_anisotropic_scale_changes_the_result_the_right_way(starter):
+    """The voxel size from the layer's scale makes the smoothing and the distances physical:
+    with it, thin (few-slice) nuclei of an anisotropic volume are found; treated as isotropic
+    they are smeared along Z and lost or merged."""
+    a = 4.0
+    img, lab = make_nuclei_3d((16, 96, 96), anisotropy=a, seed=3)
+    right = instance_f1(starter.predict(img, "ZYX", scale=(a, 1, 1)).labels, lab)
+    iso = instance_f1(starter.predict(img, "ZYX").labels, lab)
+    assert right > iso + 0.1
+
+
+def test_finetune_on_masked_half_raises_f1_of_the_other_half(starter):
+    img, lab = make_nuclei_3d((12, 96, 96), anisotropy=3.0, seed=5, snr=5.0)
+    half = lab.shape[1] // 2
+    bottom_ids = np.unique(lab[:, half:])
+    mask = np.zeros(lab.shape, bool)
+    mask[:, :half] = True
+    mask &= ~np.isin(lab, bottom_ids[bottom_ids > 0])  # no object of the scored half is seen
+
+    def f1_bottom(seg):
+        pred = seg.predict(img, "ZYX", scale=(3, 1, 1)).labels
+        return instance_f1(pred[:, half:], lab[:, half:])
+
+    before = f1_bottom(starter)
+    seg = starter.copy()
+    for _ in seg.finetune(img, lab, masks=mask, axes="ZYX", steps=60, time_limit_s=20, seed=0):
+        pass
+    after = f1_bottom(seg)
+    assert after > before + 0.05, (before, after)
