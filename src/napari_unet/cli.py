@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from . import __version__, _cli_ecosystem, _outputs, data, store
+from . import __version__, _cli_ecosystem, _cli_omezarr, _outputs, data, store
 from .config import MAX_VAL_FRACTION
 from .store import ModelRegistry
 
@@ -421,6 +421,8 @@ def _run_prediction(
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if _cli_omezarr.wanted(args):  # -o OUT.ome.zarr or OME-Zarr inputs (docs/cli.md)
+        return _cli_omezarr.cmd_predict(args)
     paths = [_check_file(p, "image") for p in args.images]
     stems: dict[str, Path] = {}
     for p in paths:
@@ -1016,8 +1018,16 @@ def build_parser() -> argparse.ArgumentParser:
         "<stem>_probabilities.tif) into OUTDIR.",
     )
     p.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="TIFF image(s)")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    p.add_argument(
+        "images", metavar="IMAGE", nargs="+", help="TIFF image(s) or OME-Zarr folder(s)"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUTDIR",
+        help="output folder, or OUT.ome.zarr (one image: image + labels as OME-Zarr)",
+    )
     axes_opt(p)
     device_opt(p)
     p.add_argument(

@@ -1,0 +1,742 @@
+"""OME-Zarr in and out (NGFF 0.4, zarr format 2), written with zarr directly.
+
+What is written (``OUT.ome.zarr``)::
+
+    OUT.ome.zarr/            root group; with an image: "multiscales" (the image pyramid)
+      0/ 1/ ...              the image levels (when an image is given)
+      labels/                group, attrs {"labels": ["<name>"]}
+        <name>/              "multiscales" + "image-label" (version, colors, source)
+          0/ 1/ ...          label levels: level k is level 0 sampled every 2**k pixels in Y, X
+
+NGFF 0.4 on zarr format 2 (``.zattrs``, ``/`` as chunk separator) is what napari-ome-zarr,
+ome-zarr-py, vizarr, Fiji (MoBIE / n5-zarr) and OMERO read today; 0.5 (zarr format 3, attributes
+under ``"ome"``) is read as well. Label pyramids use nearest-neighbour sampling (ids are never
+averaged); image pyramids use 2x2 means.
+
+Writing goes chunk by chunk (a dask array is stored block by block; a numpy array is copied one
+chunk at a time; each pyramid level is computed from the level above it, one output chunk at a
+time), so a big output is never whole in memory. Everything is written into a hidden
+``.<name>.new-<random>.tmp`` folder next to the target and renamed into place at the end: a
+reader never sees a half-written store, and a crash leaves the target as it was. An existing
+target is kept unless ``overwrite=True``.
+
+Reading is lazy: every level is a dask array over its zarr array. Missing chunk files and
+metadata that does not follow the specification raise :class:`OmeZarrError`, whose message names
+the path and the problem.
+
+This module imports neither napari nor Qt (see ``napari_unet._reader`` for the napari reader).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import fileio
+
+__all__ = [
+    "LabelsWriter",
+    "Multiscale",
+    "OmeZarr",
+    "OmeZarrError",
+    "create_labels",
+    "is_ome_zarr",
+    "read",
+    "write_labels",
+]
+
+NGFF_VERSION = "0.4"
+#: The letters napari-unet uses for the NGFF axis names, and each axis' NGFF type.
+_AXIS_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
+_NGFF_ORDER = "TCZYX"
+DEFAULT_CHUNK = 512  # Y and X; other axes get 1
+_MIN_LEVEL = 256  # pyramid levels are added until Y and X are at most this
+
+
+class OmeZarrError(ValueError):
+    """An OME-Zarr that cannot be read or written; the message names the path and the problem."""
+
+
+@dataclass
+class Multiscale:
+    """One multiscale image (or label image) of an OME-Zarr, read lazily."""
+
+    path: Path  # the group holding "multiscales"
+    axes: str  # upper-case letters in array order, e.g. "CZYX"
+    levels: list  # dask arrays, full resolution first
+    scales: list[tuple[float, ...]]  # per level, one value per axis
+    translations: list[tuple[float, ...]]
+    name: str | None = None
+    units: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def data(self):
+        """Level 0 (full resolution), a dask array."""
+        return self.levels[0]
+
+
+@dataclass
+class OmeZarr:
+    """An OME-Zarr folder: its image (if any) and its label images, all lazy."""
+
+    path: Path
+    image: Multiscale | None
+    labels: dict[str, Multiscale]
+    colors: dict[str, dict[int, tuple[float, float, float, float]]]
+    version: str
+
+
+# ============================================================================ writing
+
+
+def _axes_meta(axes: str, units: dict[str, str] | None = None) -> list[dict[str, str]]:
+    out = []
+    for a in axes:
+        d = {"name": a.lower(), "type": _AXIS_TYPES[a]}
+        if units and a in units:
+            d["unit"] = units[a]
+        out.append(d)
+    return out
+
+
+def _check_axes(axes: str, ndim: int, what: str) -> str:
+    axes = str(axes).upper()
+    if len(axes) != ndim:
+        raise ValueError(f"{what}: axes {axes!r} do not match an array of {ndim} dimensions")
+    if not set(axes) <= set(_AXIS_TYPES) or len(set(axes)) != len(axes):
+        raise ValueError(f"{what}: axes {axes!r} must be distinct letters of {_NGFF_ORDER}")
+    if not {"Y", "X"} <= set(axes):
+        raise ValueError(f"{what}: axes {axes!r} need Y and X")
+    return axes
+
+
+def _default_levels(shape: Sequence[int], axes: str) -> int:
+    yx = [shape[axes.index("Y")], shape[axes.index("X")]]
+    n = 1
+    while max(yx) > _MIN_LEVEL and min(yx) >= 2 and n < 8:
+        yx = [math.ceil(s / 2) for s in yx]
+        n += 1
+    return n
+
+
+def _default_chunks(shape: Sequence[int], axes: str) -> tuple[int, ...]:
+    return tuple(
+        max(1, min(int(s), DEFAULT_CHUNK)) if a in "YX" else 1
+        for a, s in zip(axes, shape, strict=True)
+    )
+
+
+def _level_shape(shape: Sequence[int], axes: str, k: int) -> tuple[int, ...]:
+    return tuple(
+        math.ceil(int(s) / 2**k) if a in "YX" else int(s) for a, s in zip(axes, shape, strict=True)
+    )
+
+
+def _blocks(shape: Sequence[int], chunks: Sequence[int]):
+    """Slices of every chunk of an array of ``shape``."""
+    ranges = [range(0, int(s), int(c)) for s, c in zip(shape, chunks, strict=True)]
+    for starts in itertools.product(*ranges):
+        yield tuple(
+            slice(st, min(st + c, s)) for st, c, s in zip(starts, chunks, shape, strict=True)
+        )
+
+
+def _new_array(group: Any, name: str, shape, chunks, dtype) -> Any:
+    return group.create_array(
+        name,
+        shape=tuple(int(s) for s in shape),
+        chunks=tuple(int(c) for c in chunks),
+        dtype=np.dtype(dtype),
+        fill_value=0,
+        chunk_key_encoding={"name": "v2", "separator": "/"},  # NGFF 0.4: "/" separator
+        config={"write_empty_chunks": True},  # every chunk on disk: a missing one is damage
+    )
+
+
+def _copy_into(target: Any, source: Any) -> None:
+    """Copy ``source`` (numpy, dask, zarr, ...) into the zarr array ``target`` chunk by chunk."""
+    if type(source).__module__.split(".")[0] == "dask":
+        import dask.array as da
+
+        da.store(source.rechunk(target.chunks), target, lock=False)
+        return
+    for sl in _blocks(target.shape, target.chunks):
+        target[sl] = np.asarray(source[sl]).astype(target.dtype, copy=False)
+
+
+def _downsample(src: Any, dst: Any, axes: str, how: str) -> None:
+    """``dst`` = ``src`` halved in Y and X (nearest: every 2nd pixel; mean: 2x2 means)."""
+    yx = [axes.index("Y"), axes.index("X")]
+    for sl in _blocks(dst.shape, dst.chunks):
+        src_sl = tuple(
+            slice(2 * s.start, min(2 * s.stop, src.shape[d])) if d in yx else s
+            for d, s in enumerate(sl)
+        )
+        block = np.asarray(src[src_sl])
+        if how == "nearest":
+            block = block[
+                tuple(slice(None, None, 2) if d in yx else slice(None) for d in range(block.ndim))
+            ]
+        else:
+            pad = [(0, block.shape[d] % 2) if d in yx else (0, 0) for d in range(block.ndim)]
+            if any(p[1] for p in pad):
+                block = np.pad(block, pad, mode="edge")
+            shape = []
+            for d, n in enumerate(block.shape):
+                shape += [n // 2, 2] if d in yx else [n]
+            mean_axes = tuple(d + sum(1 for e in yx if e < d) + 1 for d in yx)
+            mean = block.reshape(shape).mean(axis=mean_axes)
+            if np.issubdtype(dst.dtype, np.integer):
+                mean = np.rint(mean)
+            block = mean
+        dst[sl] = block.astype(dst.dtype, copy=False)
+
+
+def _write_multiscale(
+    group: Any,
+    data: Any,
+    axes: str,
+    *,
+    scale: Sequence[float] | None,
+    chunks: Sequence[int] | None,
+    levels: int | None,
+    how: str,
+    name: str,
+    dtype: Any = None,
+    units: dict[str, str] | None = None,
+) -> list[Any]:
+    """Write ``data`` and its pyramid into ``group`` (arrays ``0``, ``1``, ...); set the
+    ``multiscales`` attribute. Returns the zarr arrays."""
+    shape = tuple(int(s) for s in data.shape)
+    n = _default_levels(shape, axes) if levels is None else int(levels)
+    if n < 1:
+        raise ValueError(f"levels must be at least 1, not {levels}")
+    chunks = tuple(chunks) if chunks is not None else _default_chunks(shape, axes)
+    if len(chunks) != len(shape):
+        raise ValueError(f"chunks {chunks} do not match the {len(shape)} axes {axes!r}")
+    base = [1.0] * len(shape) if scale is None else [float(s) for s in scale]
+    if len(base) != len(shape):
+        raise ValueError(f"scale {tuple(scale)} does not match the {len(shape)} axes {axes!r}")
+    arrays = [_new_array(group, "0", shape, chunks, dtype or data.dtype)]
+    _copy_into(arrays[0], data)
+    datasets = []
+    for k in range(n):
+        if k:
+            lshape = _level_shape(shape, axes, k)
+            lchunks = tuple(min(c, s) for c, s in zip(chunks, lshape, strict=True))
+            arrays.append(_new_array(group, str(k), lshape, lchunks, arrays[0].dtype))
+            _downsample(arrays[k - 1], arrays[k], axes, how)
+        f = 2**k
+        s = [b * f if a in "YX" else b for a, b in zip(axes, base, strict=True)]
+        ct: list[dict[str, Any]] = [{"type": "scale", "scale": s}]
+        if how == "mean" and k:  # a 2x2 mean sits at the centre of the pixels it averages
+            t = [b * (f - 1) / 2 if a in "YX" else 0.0 for a, b in zip(axes, base, strict=True)]
+            ct.append({"type": "translation", "translation": t})
+        datasets.append({"path": str(k), "coordinateTransformations": ct})
+    group.attrs["multiscales"] = [
+        {
+            "version": NGFF_VERSION,
+            "name": name,
+            "axes": _axes_meta(axes, units),
+            "datasets": datasets,
+            "type": "nearest" if how == "nearest" else "mean",
+            "metadata": {"method": "napari_unet.omezarr", "downsample": "2 in Y and X"},
+        }
+    ]
+    return arrays
+
+
+def _colors_meta(colors: dict[int, Sequence[float]] | None) -> list[dict[str, Any]]:
+    out = []
+    for value, rgba in sorted((colors or {}).items()):
+        c = [float(v) for v in rgba]
+        if all(v <= 1.0 for v in c):  # napari-style 0..1 floats -> the spec's 0..255 ints
+            c = [round(v * 255) for v in c]
+        c = [int(v) for v in (c + [255] * 4)[:4]]
+        out.append({"label-value": int(value), "rgba": c})
+    return out
+
+
+def _temp_for(target: Path) -> Path:
+    return target.parent / f".{target.name}.new-{uuid.uuid4().hex[:12]}.tmp"
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            17,
+            "already exists (pass overwrite=True, or --overwrite on the command line)",
+            str(target),
+        )
+    if target.exists() and not target.is_dir():
+        raise OmeZarrError(f"{target}: a file is in the way of the OME-Zarr folder")
+
+
+def _publish(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Rename the complete ``tmp`` store to ``target`` (swapping out an old one if allowed)."""
+    fileio.fsync_dir(tmp)
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(17, "appeared while writing; kept it", str(target))
+        fileio.replace_folder(target, tmp)
+    else:
+        os.rename(tmp, target)
+        fileio.fsync_dir(target.parent)
+
+
+class LabelsWriter:
+    """An OME-Zarr under construction: :attr:`array` (level 0 of the labels, a writable zarr
+    array) is filled by the caller (e.g. ``Segmenter.predict(..., labels_out=w.array)``), then
+    :meth:`finish` builds the pyramid, writes the metadata and renames the store into place.
+
+    Use as a context manager: an exception inside the ``with`` removes the temporary store.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        shape: Sequence[int],
+        axes: str,
+        *,
+        dtype: Any = "int32",
+        scale: Sequence[float] | None = None,
+        chunks: Sequence[int] | None = None,
+        name: str = "labels",
+        image: Any = None,
+        image_axes: str | None = None,
+        image_scale: Sequence[float] | None = None,
+        overwrite: bool = False,
+        units: dict[str, str] | None = None,
+    ):
+        import zarr
+
+        self.path = Path(path).expanduser()
+        self.axes = _check_axes(axes, len(shape), "labels")
+        if "C" in self.axes:
+            raise ValueError(f"labels cannot have a channel axis (axes {self.axes!r})")
+        if not str(name) or "/" in str(name) or str(name).startswith("."):
+            raise ValueError(f"label name {name!r} must be a plain folder name")
+        self.name = str(name)
+        self.shape = tuple(int(s) for s in shape)
+        self.scale = scale
+        self.chunks = (
+            tuple(chunks) if chunks is not None else _default_chunks(self.shape, self.axes)
+        )
+        self.units = units
+        self.overwrite = overwrite
+        _check_target(self.path, overwrite)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = _temp_for(self.path)
+        self.root = zarr.open_group(str(self.tmp), mode="w-", zarr_format=2)
+        try:
+            if image is not None:
+                self._write_image(image, image_axes, image_scale)
+            lgroup = self.root.create_group("labels")
+            lgroup.attrs["labels"] = [self.name]
+            self.group = lgroup.create_group(self.name)
+            self.array = _new_array(self.group, "0", self.shape, self.chunks, dtype)
+        except BaseException:
+            self.abort()
+            raise
+        self.done = False
+
+    def _write_image(self, image: Any, axes: str | None, scale: Sequence[float] | None) -> None:
+        if axes is None:
+            raise ValueError("image_axes are needed with an image")
+        axes = _check_axes(axes, image.ndim, "image")
+        order = sorted(range(len(axes)), key=lambda d: _NGFF_ORDER.index(axes[d]))
+        if order != list(range(len(axes))):  # NGFF wants t, c, z, y, x
+            if type(image).__module__.split(".")[0] != "dask":
+                import dask.array as da
+
+                image = da.from_array(image, chunks=_default_chunks(image.shape, axes))
+            image = image.transpose(order)
+            scale = None if scale is None else [scale[d] for d in order]
+            axes = "".join(axes[d] for d in order)
+        _write_multiscale(
+            self.root,
+            image,
+            axes,
+            scale=scale,
+            chunks=None,
+            levels=None,
+            how="mean",
+            name="image",
+            units=self.units,
+        )
+
+    def finish(
+        self, levels: int | None = None, colors: dict[int, Sequence[float]] | None = None
+    ) -> Path:
+        """Build the pyramid (``levels`` in all, default: until Y and X are at most 256),
+        write the metadata, and rename the store to :attr:`path`. Returns :attr:`path`."""
+        try:
+            n = _default_levels(self.shape, self.axes) if levels is None else int(levels)
+            if n < 1:
+                raise ValueError(f"levels must be at least 1, not {levels}")
+            arrays = [self.array]
+            base = [1.0] * len(self.shape) if self.scale is None else [float(s) for s in self.scale]
+            if len(base) != len(self.shape):
+                raise ValueError(f"scale {tuple(base)} does not match the axes {self.axes!r}")
+            datasets = [
+                {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": base}]}
+            ]
+            for k in range(1, n):
+                lshape = _level_shape(self.shape, self.axes, k)
+                lchunks = tuple(min(c, s) for c, s in zip(self.chunks, lshape, strict=True))
+                arrays.append(_new_array(self.group, str(k), lshape, lchunks, self.array.dtype))
+                _downsample(arrays[k - 1], arrays[k], self.axes, "nearest")
+                s = [b * 2**k if a in "YX" else b for a, b in zip(self.axes, base, strict=True)]
+                datasets.append(
+                    {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": s}]}
+                )
+            self.group.attrs["multiscales"] = [
+                {
+                    "version": NGFF_VERSION,
+                    "name": self.name,
+                    "axes": _axes_meta(self.axes, self.units),
+                    "datasets": datasets,
+                    "type": "nearest",
+                    "metadata": {
+                        "method": "napari_unet.omezarr",
+                        "downsample": "every 2nd pixel in Y and X",
+                    },
+                }
+            ]
+            label_meta: dict[str, Any] = {"version": NGFF_VERSION}
+            if colors:
+                label_meta["colors"] = _colors_meta(colors)
+            if "multiscales" in self.root.attrs:
+                label_meta["source"] = {"image": "../../"}
+            self.group.attrs["image-label"] = label_meta
+            _publish(self.tmp, self.path, self.overwrite)
+        except BaseException:
+            self.abort()
+            raise
+        self.done = True
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the temporary store (the target is untouched)."""
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.tmp)
+
+    def __enter__(self) -> LabelsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not getattr(self, "done", False):
+            self.abort()
+
+
+def create_labels(
+    path: str | os.PathLike, shape: Sequence[int], axes: str, **kwargs: Any
+) -> LabelsWriter:
+    """Start an OME-Zarr whose labels are filled later; see :class:`LabelsWriter`."""
+    return LabelsWriter(path, shape, axes, **kwargs)
+
+
+def write_labels(
+    path: str | os.PathLike,
+    labels: Any,
+    axes: str | None = None,
+    *,
+    scale: Sequence[float] | None = None,
+    chunks: Sequence[int] | None = None,
+    levels: int | None = None,
+    name: str = "labels",
+    colors: dict[int, Sequence[float]] | None = None,
+    image: Any = None,
+    image_axes: str | None = None,
+    image_scale: Sequence[float] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``labels`` (numpy, dask or zarr; integer) as OME-Zarr labels at ``path``.
+
+    Parameters
+    ----------
+    labels
+        Integer array, ``(*spatial)`` with optional leading T (axes ``"YX"``, ``"ZYX"``,
+        ``"TYX"``, ``"TZYX"``). Copied chunk by chunk; never loaded whole.
+    axes
+        Its axes; default: ``"YX"`` for 2D, ``"ZYX"`` for 3D, ``"TZYX"`` for 4D.
+    scale
+        Physical pixel size per axis of level 0 (default 1). Level k has ``2**k`` times that
+        in Y and X.
+    chunks
+        Chunk shape of level 0 (default: 512 in Y and X, 1 elsewhere).
+    levels
+        Pyramid levels in all (default: halve Y and X until both are at most 256).
+    name
+        The label image's name (``labels/<name>``).
+    colors
+        Optional ``{label value: (r, g, b, a)}`` (0..1 floats or 0..255 ints).
+    image, image_axes, image_scale
+        The image the labels belong to, written at the root as its own pyramid (2x2 means),
+        so that any OME-Zarr viewer shows both.
+    overwrite
+        Replace an existing ``path`` (atomically); without it an existing path raises
+        ``FileExistsError``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    if not np.issubdtype(np.dtype(labels.dtype), np.integer):
+        raise ValueError(f"labels must be integers, not {np.dtype(labels.dtype)}")
+    if axes is None:
+        axes = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(labels.ndim)
+        if axes is None:
+            raise ValueError(f"give the axes of a {labels.ndim}-D labels array")
+    w = LabelsWriter(
+        path,
+        labels.shape,
+        axes,
+        dtype=labels.dtype,
+        scale=scale,
+        chunks=chunks,
+        name=name,
+        image=image,
+        image_axes=image_axes,
+        image_scale=image_scale,
+        overwrite=overwrite,
+    )
+    with w:
+        _copy_into(w.array, labels)
+        return w.finish(levels, colors)
+
+
+# ============================================================================ reading
+
+
+def _attrs(group_path: Path) -> tuple[dict[str, Any], str | None]:
+    """(attributes, zarr format "2"/"3") of the group at ``group_path``, read as plain JSON."""
+    v3 = group_path / "zarr.json"
+    if v3.is_file():
+        meta = _json(v3)
+        attrs = meta.get("attributes") or {}
+        return (attrs.get("ome", attrs) if isinstance(attrs, dict) else {}), "3"
+    za = group_path / ".zattrs"
+    if za.is_file():
+        return _json(za), "2"
+    if (group_path / ".zgroup").is_file():
+        return {}, "2"
+    return {}, None
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except (OSError, ValueError) as e:
+        raise OmeZarrError(f"{path}: cannot read the metadata ({e})") from None
+    if not isinstance(out, dict):
+        raise OmeZarrError(f"{path}: the metadata is not a JSON object")
+    return out
+
+
+def is_ome_zarr(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding OME-Zarr metadata (multiscales or labels)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return False
+    try:
+        attrs, fmt = _attrs(p)
+    except OmeZarrError:
+        return str(p).lower().rstrip("/").endswith(".ome.zarr")
+    return fmt is not None and ("multiscales" in attrs or "labels" in attrs)
+
+
+def _bad(path: Path, problem: str) -> OmeZarrError:
+    return OmeZarrError(
+        f"{path}: {problem} (not valid OME-Zarr multiscales metadata, NGFF 0.4/0.5)"
+    )
+
+
+def _missing_chunks(arr: Any, array_path: Path) -> tuple[int, int, tuple[int, ...] | None]:
+    """(chunk files missing, chunks in all, grid index of the first missing) of a zarr array."""
+    grid = [math.ceil(s / c) for s, c in zip(arr.shape, arr.chunks, strict=True)]
+    total = math.prod(grid)
+    if total == 0:
+        return 0, 0, None
+    present = int(arr.nchunks_initialized)
+    if present >= total:
+        return 0, total, None
+    enc = arr.metadata
+    first = None
+    for idx in itertools.product(*[range(g) for g in grid]):
+        key = enc.encode_chunk_key(idx) if hasattr(enc, "encode_chunk_key") else None
+        if key is None or not (array_path / key).exists():
+            first = idx
+            break
+    return total - present, total, first
+
+
+def _read_multiscale(group_path: Path, attrs: dict[str, Any], missing_chunks: str) -> Multiscale:
+    import dask.array as da
+    import zarr
+
+    ms = attrs.get("multiscales")
+    if not isinstance(ms, list) or not ms or not isinstance(ms[0], dict):
+        raise _bad(group_path, "'multiscales' must be a non-empty list of objects")
+    m = ms[0]
+    axes_meta = m.get("axes")
+    if not isinstance(axes_meta, list) or not axes_meta:
+        raise _bad(group_path, "'axes' is missing from 'multiscales'")
+    letters, units = [], {}
+    for a in axes_meta:
+        name = a.get("name") if isinstance(a, dict) else a  # NGFF 0.3 used plain strings
+        if not isinstance(name, str) or name.upper() not in _AXIS_TYPES:
+            raise _bad(group_path, f"axis {a!r} is not one of t, c, z, y, x")
+        letters.append(name.upper())
+        if isinstance(a, dict) and isinstance(a.get("unit"), str):
+            units[name.upper()] = a["unit"]
+    axes = "".join(letters)
+    if len(set(axes)) != len(axes) or not {"Y", "X"} <= set(axes):
+        raise _bad(group_path, f"axes {axes.lower()!r} must be distinct and include y and x")
+    datasets = m.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise _bad(group_path, "'datasets' is missing or empty")
+    levels, scales, translations = [], [], []
+    for i, ds in enumerate(datasets):
+        rel = ds.get("path") if isinstance(ds, dict) else None
+        if not isinstance(rel, str) or not rel:
+            raise _bad(group_path, f"dataset {i} has no 'path'")
+        apath = group_path / rel
+        try:
+            arr = zarr.open_array(str(apath), mode="r")
+        except Exception as e:  # noqa: BLE001 - zarr raises several kinds for a missing array
+            raise OmeZarrError(
+                f"{apath}: level {i} (dataset path {rel!r}) is not a readable zarr array "
+                f"({type(e).__name__}: {e})"
+            ) from None
+        if arr.ndim != len(axes):
+            raise _bad(
+                group_path,
+                f"level {i} ({rel}) has {arr.ndim} dimensions but {len(axes)} axes "
+                f"({axes.lower()}) are declared",
+            )
+        scale, trans = [1.0] * len(axes), [0.0] * len(axes)
+        for ct in ds.get("coordinateTransformations") or []:
+            kind = ct.get("type") if isinstance(ct, dict) else None
+            vec = ct.get(kind) if kind in ("scale", "translation") else None
+            if kind in ("scale", "translation"):
+                if not isinstance(vec, list) or len(vec) != len(axes):
+                    raise _bad(
+                        group_path,
+                        f"level {i} ({rel}): {kind} {vec!r} needs one number per axis "
+                        f"({len(axes)}: {axes.lower()})",
+                    )
+                try:
+                    vals = [float(v) for v in vec]
+                except (TypeError, ValueError):
+                    raise _bad(
+                        group_path, f"level {i} ({rel}): {kind} {vec!r} is not numbers"
+                    ) from None
+                if kind == "scale":
+                    if not all(v > 0 and math.isfinite(v) for v in vals):
+                        raise _bad(group_path, f"level {i} ({rel}): scale {vec!r} must be positive")
+                    scale = vals
+                else:
+                    trans = vals
+        if missing_chunks != "fill":
+            n, total, first = _missing_chunks(arr, apath)
+            if n:
+                raise OmeZarrError(
+                    f"{apath}: {n} of {total} chunks of level {i} are missing (first: chunk "
+                    f"{first}); the copy is incomplete or damaged. Copy it again; if the writer "
+                    "skipped empty chunks on purpose, read it with missing_chunks='fill'"
+                )
+        levels.append(da.from_zarr(arr))
+        scales.append(tuple(scale))
+        translations.append(tuple(trans))
+    for i in range(1, len(levels)):
+        if any(b > a for a, b in zip(levels[i - 1].shape, levels[i].shape, strict=True)):
+            raise _bad(
+                group_path,
+                f"level {i} {levels[i].shape} is larger than level {i - 1} {levels[i - 1].shape}",
+            )
+    return Multiscale(group_path, axes, levels, scales, translations, m.get("name"), units)
+
+
+def read(path: str | os.PathLike, missing_chunks: str = "error") -> OmeZarr:
+    """Open an OME-Zarr folder lazily: its image (if any) and its label images.
+
+    Parameters
+    ----------
+    missing_chunks
+        ``"error"`` (default): a level whose chunk files are not all on disk raises
+        :class:`OmeZarrError` (zarr would silently read zeros). ``"fill"``: accept them (read
+        as the fill value), for stores whose writer skipped empty chunks on purpose.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such folder.
+    OmeZarrError
+        Not OME-Zarr, wrong metadata, missing chunks, a listed label image that is not there.
+    """
+    if missing_chunks not in ("error", "fill"):
+        raise ValueError(f"missing_chunks must be 'error' or 'fill', not {missing_chunks!r}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(2, "OME-Zarr not found", str(p))
+    if not p.is_dir():
+        raise OmeZarrError(f"{p}: an OME-Zarr is a folder, this is a file")
+    attrs, fmt = _attrs(p)
+    if fmt is None:
+        raise OmeZarrError(f"{p}: not a zarr group (no .zgroup/.zattrs or zarr.json)")
+    version = str(attrs.get("version", "")) or "0.4"
+    image = None
+    if "multiscales" in attrs:
+        image = _read_multiscale(p, attrs, missing_chunks)
+        version = str(attrs["multiscales"][0].get("version", version))
+    labels: dict[str, Multiscale] = {}
+    colors: dict[str, dict[int, tuple[float, float, float, float]]] = {}
+    lpath = p / "labels"
+    names: list[Any] = []
+    if lpath.is_dir():
+        lattrs, _ = _attrs(lpath)
+        names = lattrs.get("labels", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise OmeZarrError(f"{lpath}: 'labels' must be a list of label image names")
+    for n in names:
+        gp = lpath / n
+        if not gp.is_dir():
+            raise OmeZarrError(f"{gp}: the label image {n!r} listed in {lpath} is not there")
+        gattrs, _ = _attrs(gp)
+        if "multiscales" not in gattrs:
+            raise OmeZarrError(f"{gp}: the label image {n!r} has no 'multiscales' metadata")
+        ms = _read_multiscale(gp, gattrs, missing_chunks)
+        if not np.issubdtype(ms.data.dtype, np.integer):
+            raise OmeZarrError(f"{gp}: labels must be integers, not {ms.data.dtype}")
+        if "C" in ms.axes:
+            raise OmeZarrError(f"{gp}: a label image cannot have a channel axis")
+        labels[n] = ms
+        il = gattrs.get("image-label")
+        cmap: dict[int, tuple[float, float, float, float]] = {}
+        if isinstance(il, dict):
+            for c in il.get("colors") or []:
+                try:
+                    rgba = [float(v) / 255 for v in c["rgba"]]
+                    cmap[int(c["label-value"])] = tuple((rgba + [1.0] * 4)[:4])
+                except (KeyError, TypeError, ValueError):
+                    raise OmeZarrError(
+                        f"{gp}: a color entry {c!r} is not {{label-value, rgba}}"
+                    ) from None
+        colors[n] = cmap
+    if image is None and not labels:
+        raise OmeZarrError(f"{p}: neither 'multiscales' nor label images found: not an OME-Zarr")
+    return OmeZarr(p, image, labels, colors, version)
