@@ -111,6 +111,11 @@ def test_train_refuses_an_uncorrected_2d_prediction(loop, qtbot, messages):
     assert any("nothing in 'img [unet]' was corrected" in m for m in messages["error"]), messages
     assert out.name == "img [unet]" and not session.registry.list()
     assert not session.training_lock.locked()
+    # corrected regions do not make an uncorrected prediction a correction
+    viewer.add_shapes([np.array([[0, 0], [40, 40]])], shape_type="rectangle", name="checked")
+    assert train.shapes_combo.value() is viewer.layers["checked"]
+    train.labels_combo.set_value(out)
+    assert train.train() is None and len(messages["error"]) == 2
     # one correction (the brush paints in place) and it trains
     out.data[:, :32] = 0
     out.refresh()

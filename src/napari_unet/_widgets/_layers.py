@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QFrame,
@@ -795,16 +795,20 @@ def shapes_to_mask(shapes: Shapes, target: Layer, shape: tuple[int, ...] | None 
 
 
 # ----------------------------------------------------------------------------- scrolling body
-class _VerticalScroll(QScrollArea):
-    """Scrolls vertically only; as wide as its content needs (nothing is cut on the right)."""
+class _Body(QWidget):
+    """The content of a vertical scroll area; keeps the area as wide as it needs to be.
 
-    def minimumSizeHint(self):  # noqa: N802 - Qt API
-        hint = super().minimumSizeHint()
-        body = self.widget()
-        if body is not None:
-            width = body.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width()
-            hint.setWidth(max(hint.width(), width))
-        return hint
+    A scroll area does not pass its content's size on: without this, the right edge of the
+    combo boxes and buttons was cut off in a narrow dock.
+    """
+
+    def event(self, ev) -> bool:  # noqa: D401 - Qt API
+        if ev.type() in (QEvent.Type.LayoutRequest, QEvent.Type.Show, QEvent.Type.Polish):
+            scroll = self.parentWidget().parentWidget() if self.parentWidget() else None
+            if isinstance(scroll, QScrollArea):
+                width = self.minimumSizeHint().width()
+                scroll.setMinimumWidth(width + scroll.verticalScrollBar().sizeHint().width())
+        return super().event(ev)
 
 
 def scrolling_body(owner: QWidget) -> QVBoxLayout:
@@ -815,11 +819,11 @@ def scrolling_body(owner: QWidget) -> QVBoxLayout:
     """
     outer = QVBoxLayout(owner)
     outer.setContentsMargins(0, 0, 0, 0)
-    scroll = _VerticalScroll(owner)
+    scroll = QScrollArea(owner)
     scroll.setWidgetResizable(True)
     scroll.setFrameShape(QFrame.Shape.NoFrame)
     scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-    body = QWidget(scroll)
+    body = _Body(scroll)
     scroll.setWidget(body)
     outer.addWidget(scroll)
     owner.scroll_area = scroll

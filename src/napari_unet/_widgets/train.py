@@ -133,6 +133,10 @@ class TrainRun:
             s.set_segmenter(self.segmenter, name=self.name)
         loss = "n/a" if last.loss is None or not np.isfinite(last.loss) else f"{last.loss:.4f}"
         what = f"{last.step} steps in {last.seconds:.0f} s, loss {loss}"
+        # what the core adds to the stop reason (e.g. that it kept the previous model)
+        extra = last.reason.split("; ", 1)[1] if "; " in (last.reason or "") else ""
+        if extra:
+            what += f" ({extra})"
         if last.val_f1 is not None:
             what += f", validation F1 {last.val_f1:.3f}"
         info = job.saved  # normally written by the worker thread (no file I/O on the GUI)
@@ -587,10 +591,9 @@ class TrainWidget(QWidget):
         channel, note = _layers.model_channel(pairs[0][0], seg)
         masks = None
         shapes = self.shapes_combo.value()
+        self._check_corrected(pairs, seg.ndim, regions=shapes is not None)
         if shapes is not None:
             masks = [_layers.shapes_to_mask(shapes, labels) for _, labels in pairs]
-        else:
-            self._check_corrected(pairs, seg.ndim)
         if shapes is None and self.edited_check.isChecked():
             masks, parts = self._edited_masks(pairs, seg.ndim)
             if parts:
@@ -635,11 +638,14 @@ class TrainWidget(QWidget):
             ),
         }
 
-    def _check_corrected(self, pairs, model_ndim: int) -> None:
-        """Refuse 2D labels that are empty or exactly the plugin's uncorrected prediction.
+    def _check_corrected(self, pairs, model_ndim: int, regions: bool = False) -> None:
+        """Refuse 2D labels that are exactly the plugin's uncorrected prediction, or empty.
 
         (Stacks are checked slice by slice in :meth:`_edited_masks`.) Training on a prediction
-        nobody corrected teaches the model its own mistakes: measured, F1 0.70 -> 0.52.
+        nobody corrected teaches the model its own mistakes: measured, F1 0.70 -> 0.52. That
+        holds inside corrected regions too (after 'Refresh prediction' Train follows the new
+        prediction layer, while the rectangles still mark the corrections of the old one).
+        Empty labels are fine inside corrected ``regions`` (an area with no object).
         """
         for _, labels in pairs:
             data = labels.data
@@ -648,11 +654,11 @@ class TrainWidget(QWidget):
             if self.session.unchanged_since_prediction(labels):
                 raise _layers.LayerError(
                     f"nothing in {labels.name!r} was corrected since the prediction: fix some "
-                    "objects with the brush or the eraser first, or draw rectangles around the "
-                    "areas you checked in a Shapes layer and choose it as 'Corrected regions' "
-                    "(training on an uncorrected prediction teaches the model its own mistakes)"
+                    "objects with the brush or the eraser first, or choose as Labels the layer "
+                    "that holds your corrections (training on an uncorrected prediction "
+                    "teaches the model its own mistakes)"
                 )
-            if not data.any():
+            if not regions and not data.any():
                 raise _layers.LayerError(
                     f"{labels.name!r} is empty: paint some objects first (or predict, then "
                     "correct the prediction)"
