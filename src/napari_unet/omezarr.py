@@ -318,6 +318,7 @@ class LabelsWriter:
         image_scale: Sequence[float] | None = None,
         overwrite: bool = False,
         units: dict[str, str] | None = None,
+        levels: int | None = None,
     ):
         import zarr
 
@@ -335,6 +336,7 @@ class LabelsWriter:
         )
         self.units = units
         self.overwrite = overwrite
+        self.levels = _default_levels(self.shape, self.axes) if levels is None else int(levels)
         _check_target(self.path, overwrite)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = _temp_for(self.path)
@@ -370,7 +372,7 @@ class LabelsWriter:
             axes,
             scale=scale,
             chunks=None,
-            levels=None,
+            levels=self.levels,  # as many as the labels'
             how="mean",
             name="image",
             units=self.units,
@@ -379,10 +381,11 @@ class LabelsWriter:
     def finish(
         self, levels: int | None = None, colors: dict[int, Sequence[float]] | None = None
     ) -> Path:
-        """Build the pyramid (``levels`` in all, default: until Y and X are at most 256),
+        """Build the pyramid (``levels`` in all, default: the writer's ``levels``, else halve
+        Y and X until both are at most 256),
         write the metadata, and rename the store to :attr:`path`. Returns :attr:`path`."""
         try:
-            n = _default_levels(self.shape, self.axes) if levels is None else int(levels)
+            n = self.levels if levels is None else int(levels)
             if n < 1:
                 raise ValueError(f"levels must be at least 1, not {levels}")
             arrays = [self.array]
@@ -512,6 +515,7 @@ def write_labels(
         image_axes=image_axes,
         image_scale=image_scale,
         overwrite=overwrite,
+        levels=levels,
     )
     with w:
         _copy_into(w.array, labels)
