@@ -2,13 +2,15 @@
 
 Usage (needs a display; on a server use a virtual one)::
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshots.py
+    xvfb-run -a -s "-screen 0 1366x768x24" python scripts/screenshots.py
     python scripts/screenshots.py --out /tmp/shots     # somewhere else than docs/images
 
-Writes ``guide_1_open.png`` ... ``guide_7_uncertainty.png``:
+Writes ``guide_1_open.png`` ... ``guide_7_uncertainty.png``, from the window that
+``python -m napari_unet`` opens (``_launch.prepare``: the real DSB2018 sample, the widgets as
+tabs, the window fitted to the screen; on a 1366x768 screen, as a laptop has):
 
-1. the ``nuclei_2d`` sample opened, the three widgets docked as tabs (Predict in front);
-2. after **Predict** with the starter model: the ``nuclei [unet]`` labels over the image;
+1. the ``nuclei_real`` sample (a real fluorescence image, CC0) and the widgets (Predict in front);
+2. after **Predict** with the starter model: the ``dsb2018 [unet]`` labels over the image;
 3. a correction, done as a user would: inside one square the wrong objects are repainted (here
    with the sample's ground truth) in the prediction layer, in paint mode, and a rectangle in a
    Shapes layer ``corrected regions`` marks the square;
@@ -17,9 +19,10 @@ Writes ``guide_1_open.png`` ... ``guide_7_uncertainty.png``:
 6. the Models widget listing the saved model and its versions;
 7. "Where to correct next": the uncertainty layer and the ranked regions, the first one clicked.
 
-Models are saved in a temporary registry (``NAPARI_UNET_HOME``), never in the user's own. The
-window is 1400x900 logical pixels. Everything is driven through the widgets' buttons and
-methods, like ``benchmarks/bench_gui.py``.
+Models are saved in a temporary registry (``NAPARI_UNET_HOME``), never in the user's own.
+Everything is driven through the widgets' buttons and methods, like ``benchmarks/bench_gui.py``;
+the layer choices are *not* set by the script: it checks that the widgets followed the layers
+(the new ``[unet]`` layer, the Shapes layer) as they must for a user.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout, not another editable install
 
-REGION = 96  # side of the corrected square, pixels
+REGION = 96  # side of a corrected square, pixels
+REGIONS = 2  # squares corrected (one was too little: the core kept the previous model)
+SOURCE = "dsb2018"  # the image layer of the launcher's sample
 
 
 # ----------------------------------------------------------------------------- Qt helpers
@@ -172,30 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["NAPARI_UNET_HOME"] = tempfile.mkdtemp(prefix="napari-unet-shots-")
 
     import napari
-    from qtpy.QtCore import Qt
 
-    from napari_unet._widgets import _layers
+    from napari_unet._widgets import _launch, _layers
     from napari_unet._widgets._workers import State
     from napari_unet.metrics import instance_f1
 
-    viewer = napari.Viewer(show=True, title="napari")
+    viewer = napari.Viewer(show=True, title="napari-unet")
     win = viewer.window._qt_window
-    win.resize(1400, 900)
-    viewer.open_sample("napari-unet", "nuclei_2d")
-    docks, widgets = [], {}
-    for name in ("U-Net Predict", "U-Net Train", "U-Net Models"):
-        dock, w = viewer.window.add_plugin_dock_widget("napari-unet", name)
-        docks.append(dock)
-        widgets[name] = w
-    win.tabifyDockWidget(docks[0], docks[1])
-    win.tabifyDockWidget(docks[1], docks[2])
-    win.resizeDocks([docks[0]], [440], Qt.Orientation.Horizontal)
-    pw, tw, mw = widgets["U-Net Predict"], widgets["U-Net Train"], widgets["U-Net Models"]
-    image = viewer.layers["nuclei"]
-    truth = np.asarray(viewer.layers["nuclei truth"].data)
-    viewer.layers.selection.active = image
-    docks[0].raise_()
+    win.resize(1366, 768)
+    docks = _launch.prepare(viewer)  # what python -m napari_unet does
+    pw, tw, mw = (viewer.window.dock_widgets[f"{n} (napari-unet)"] for n in _launch.WIDGETS)
+    image = viewer.layers[SOURCE]
+    truth = np.asarray(viewer.layers[f"{SOURCE} truth"].data)
+    assert viewer.layers.selection.active is image, "the launcher must leave the image active"
     pump(1.0)
+    print(f"window {win.width()}x{win.height()} (minimum {win.minimumSizeHint().height()} px)")
     viewer.reset_view()  # fit the image to the canvas narrowed by the docks
     pump(0.5)
 
@@ -203,32 +199,44 @@ def main(argv: list[str] | None = None) -> int:
     shot(viewer, out / "guide_1_open.png")
 
     # 2. Predict with the starter model
-    pw.image_combo.set_value(image)
+    assert pw.image_combo.value() is image
     pw.scope_combo.setCurrentText("whole layer")
     pw.predict_button.click()
     if not wait_until(lambda: not pw.running, 300):
         raise SystemExit("the prediction did not finish")
-    pred_layer = _layers.find_own_layer(viewer, "nuclei")
+    pred_layer = _layers.find_own_layer(viewer, SOURCE)
     assert pred_layer is not None
     before = np.array(pred_layer.data)
+    print(f"Predict says: {pw.status_label.text()}")
+    assert tw.labels_combo.value() is pred_layer, "Train must follow the new [unet] layer"
     pump(1.0)
     shot(viewer, out / "guide_2_predict.png", keep_toasts=True)
+    # Train right away, nothing corrected: refused, with a message
+    docks[1].raise_()
+    assert tw.train() is None, "training on an uncorrected prediction must be refused"
+    pump(0.3)
+    docks[0].raise_()
 
     # 3. correct one square, mark it with a rectangle
-    region_y, region_x, n_wrong = worst_region(np.asarray(pred_layer.data), truth, REGION)
-    print(f"{n_wrong} wrong objects in the prediction; correcting y {region_y}, x {region_x}")
-    changed = correct_region(pred_layer, truth, (region_y, region_x))
-    print(f"repainted {changed} pixels")
-    y0, y1, x0, x1 = region_y.start, region_y.stop, region_x.start, region_x.stop
-    rect = np.array([[y0 - 0.5, x0 - 0.5], [y1 - 0.5, x1 - 0.5]])
+    rects, fixed = [], np.zeros(truth.shape, bool)
+    for _ in range(REGIONS):  # the worst square, then the worst one among the rest
+        pred_now = np.where(fixed, truth, np.asarray(pred_layer.data))
+        region_y, region_x, n_wrong = worst_region(pred_now, truth, REGION)
+        print(f"{n_wrong} wrong objects left; correcting y {region_y}, x {region_x}")
+        changed = correct_region(pred_layer, truth, (region_y, region_x))
+        fixed |= np.isin(truth, truth[region_y, region_x])
+        print(f"repainted {changed} pixels")
+        y0, y1, x0, x1 = region_y.start, region_y.stop, region_x.start, region_x.stop
+        rects.append(np.array([[y0 - 0.5, x0 - 0.5], [y1 - 0.5, x1 - 0.5]]))
     shapes = viewer.add_shapes(
-        [rect],
+        rects,
         shape_type="rectangle",
         name="corrected regions",
         edge_color="yellow",
         face_color="transparent",
         edge_width=2,
     )
+    assert tw.shapes_combo.value() is shapes, "Train must pick up the new Shapes layer"
     viewer.layers.selection.active = pred_layer
     pred_layer.mode = "paint"
     pred_layer.brush_size = 6
@@ -236,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     zoom_on = ((y0 + y1) / 2, (x0 + x1) / 2)
     camera(viewer).center = zoom_on
     camera(viewer).zoom = 3.0
-    tw.labels_combo.set_value(pred_layer)
-    tw.image_combo.set_value(image)
-    tw.shapes_combo.set_value(shapes)
+    assert tw.labels_combo.value() is pred_layer and tw.image_combo.value() is image
     docks[1].raise_()
     pump(1.0)
     shot(viewer, out / "guide_3_correct.png")
@@ -279,15 +285,16 @@ def main(argv: list[str] | None = None) -> int:
             ly.visible = False
     pred_layer.visible = False
     shapes.visible = True
-    after = np.asarray(_layers.find_own_layer(viewer, "nuclei").data)
-    sq = (region_y, region_x)
+    after = np.asarray(_layers.find_own_layer(viewer, SOURCE).data)
+    sq = (region_y, region_x)  # the last corrected square
     print(
         f"F1@0.5 whole image: starter {instance_f1(before, truth):.3f}, "
         f"fine-tuned {instance_f1(after, truth):.3f}; in the square: starter "
         f"{instance_f1(before[sq], truth[sq]):.3f}, "
         f"fine-tuned {instance_f1(after[sq], truth[sq]):.3f}"
     )
-    viewer.layers.selection.active = _layers.find_own_layer(viewer, "nuclei")
+    print(f"Train says: {tw.status_label.text()}")
+    viewer.layers.selection.active = _layers.find_own_layer(viewer, SOURCE)
     camera(viewer).center = zoom_on  # the corrected square again, now predicted by the new model
     camera(viewer).zoom = 3.0
     pump(1.0)
@@ -295,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # 6. Models: save under a lab name, train 5 s more (a second version), list the versions
     mw.save_as("nuclei-mylab")
+    # Train followed the refreshed prediction; the corrections are in "[corrected]": a user
+    # selects that layer in the layer list and Train follows
+    corrected = viewer.layers[f"{SOURCE} [corrected]"]
+    viewer.layers.selection.active = corrected
+    assert tw.labels_combo.value() is corrected
     tw.seconds_spin.setValue(5)
     tw.preview_spin.setValue(0)
     tw.train_button.click()

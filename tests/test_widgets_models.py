@@ -71,7 +71,7 @@ def test_save_as_lists_versions_and_load(widget, messages):
     s.segmenter.config["trained_on"] = ["a", "b", "c"]
     assert w.save_as("tiny").version == 2
     cells = row_text(w, "tiny")
-    assert cells[1] == "v2" and cells[4] == "0.750" and cells[3] == "a, b +1"
+    assert cells[1] == "v2" and cells[3] == "0.750" and cells[5] == "a, b +1"
     assert w.select("tiny")
     assert w.versions_shown() == [2, 1]
     assert w.versions_table.item(0, 2).text() == "42"  # steps trained
@@ -101,7 +101,7 @@ def test_refreshes_when_the_session_changes(widget, messages):
     s.registry.save("tiny", s.segmenter.net.state_dict(), dict(s.segmenter.config, val_score=0.5))
     assert row_text(w, "tiny")[1] == "v1"
     s.notify_trained()
-    assert row_text(w, "tiny")[1] == "v2" and row_text(w, "tiny")[4] == "0.500"
+    assert row_text(w, "tiny")[1] == "v2" and row_text(w, "tiny")[3] == "0.500"
     # a model saved by another program shows after Refresh
     s.registry.save("outside", tiny(1).net.state_dict(), tiny(1).config)
     assert "outside" not in w.model_names()

@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 #: Name of the starter model shipped with the package (read-only).
 STARTER = "nuclei"
 
-MODEL_COLUMNS = ("Name", "Version", "Task", "Trained on", "Val score", "Created")
+MODEL_COLUMNS = ("Name", "Version", "Task", "Val score", "Created", "Trained on")
 VERSION_COLUMNS = ("Version", "Created", "Steps", "Val score", "Trained on")
 
 _IMPORT_FILTER = "napari-unet models (*.safetensors config.json);;All files (*)"
@@ -195,12 +195,12 @@ def _table(columns: tuple[str, ...]) -> QTableWidget:
     t.setWordWrap(False)
     header = t.horizontalHeader()
     header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-    # "Trained on" takes the width that is left and elides its text (the whole list is its
-    # tooltip): sized to its contents it went behind a horizontal scrollbar
-    wide = columns.index("Trained on") if "Trained on" in columns else len(columns) - 1
-    header.setSectionResizeMode(wide, QHeaderView.ResizeMode.Stretch)
+    # "Trained on" comes last, takes the width that is left and elides its text (the whole
+    # list is its tooltip): sized to its contents in the middle, it pushed the scores and
+    # dates behind a horizontal scrollbar
+    header.setSectionResizeMode(len(columns) - 1, QHeaderView.ResizeMode.Stretch)
+    header.setMinimumSectionSize(40)
     t.setTextElideMode(Qt.TextElideMode.ElideRight)
-    t.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
     return t
 
 
@@ -481,9 +481,9 @@ class ModelManagerWidget(QWidget):
                     _item(("● " if using else "") + label, tip or label),
                     _item(version),
                     _item(str(task or "–")),
-                    _item(_short_list(trained), "\n".join(trained) or None),
                     _item(_score(score)),
                     _item(_short_time(created), str(created or "") or None),
+                    _item(_short_list(trained), "\n".join(trained) or None),
                 ]
                 for c, it in enumerate(cells):
                     if using:

@@ -138,6 +138,8 @@ class PredictWidget(QWidget):
         try:
             seg = self.session.segmenter  # first: loading the starter model sets the name
             self.model_label.setText(describe_model(self.session.model_name, seg))
+            if self.status_label.text() and not self.running:
+                self.status_label.setText("")  # it described the previous model's result
             # extra channel layers only mean something for a model with several channels
             self._form.setRowVisible(self._channels_row, seg.in_channels > 1)
         except RuntimeError:  # the Qt widget is gone

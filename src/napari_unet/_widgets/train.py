@@ -313,7 +313,7 @@ class TrainWidget(QWidget):
         self.add_pair_button = QPushButton("Add pair")
         self.remove_pair_button = QPushButton("Remove pair")
         self.pair_list = QListWidget()
-        self.pair_list.setMaximumHeight(80)
+        self.pair_list.setMaximumHeight(48)
         data_box = QGroupBox("Training data")
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
@@ -402,13 +402,15 @@ class TrainWidget(QWidget):
         run_buttons.addWidget(self.stop_button)
 
         layout = _layers.scrolling_body(self)
+        # data, then the run (buttons, progress, status, curve), then the options: on a 768 px
+        # screen the loss curve stays in sight while training; the options scroll below it
         layout.addWidget(data_box)
-        layout.addWidget(opt_box)
         layout.addLayout(run_buttons)
         layout.addWidget(self.refresh_button)
         layout.addWidget(self.progress)
         layout.addWidget(self.status_label)
         layout.addWidget(self.curve)
+        layout.addWidget(opt_box)
         layout.addStretch(1)
 
         self.add_pair_button.clicked.connect(self.add_pair)
