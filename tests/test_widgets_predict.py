@@ -291,8 +291,12 @@ def test_whole_big_layer_goes_to_a_zarr_store_and_slices_to_their_own_layer(
     out = _layers.find_own_layer(viewer, "huge")
     assert isinstance(out.data, zarr.Array) and out.data.shape == image.shape
     path = out.metadata["path"]
-    assert path.startswith(str(tmp_path)) and path.endswith(".zarr")
-    on_disk = np.asarray(zarr.open_array(path, mode="r"))
+    assert path.startswith(str(tmp_path)) and path.endswith(".ome.zarr")
+    from napari_unet import omezarr
+
+    ome = omezarr.read(path)  # OME-Zarr labels: a pyramid and image-label metadata
+    on_disk = np.asarray(ome.labels["unet"].data)
+    np.testing.assert_array_equal(on_disk, np.asarray(out.data))
     from napari_unet.metrics import instance_f1
 
     assert instance_f1(on_disk, truth) > 0.8  # real labels were written there

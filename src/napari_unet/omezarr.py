@@ -300,7 +300,8 @@ class LabelsWriter:
     array) is filled by the caller (e.g. ``Segmenter.predict(..., labels_out=w.array)``), then
     :meth:`finish` builds the pyramid, writes the metadata and renames the store into place.
 
-    Use as a context manager: an exception inside the ``with`` removes the temporary store.
+    Use as a context manager: leaving the ``with`` without :meth:`finish` (an exception, a
+    stopped prediction) removes the temporary store; the target is untouched.
     """
 
     def __init__(
@@ -439,7 +440,7 @@ class LabelsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and not getattr(self, "done", False):
+        if not getattr(self, "done", False):  # an error, or left without finish()
             self.abort()
 
 

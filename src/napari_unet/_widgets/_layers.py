@@ -304,17 +304,17 @@ def plan_region(
 
 
 def prediction_store_path(source: str) -> Path:
-    """A new zarr store path for the labels of ``source``, next to the model registry."""
+    """A new OME-Zarr path for the labels of ``source``, next to the model registry."""
     from ..store import default_root
 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in source)[:60] or "image"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     folder = default_root().parent / "predictions"
-    path = folder / f"{safe}-{stamp}.zarr"
+    path = folder / f"{safe}-{stamp}.ome.zarr"
     k = 1
     while path.exists():
         k += 1
-        path = folder / f"{safe}-{stamp}-{k}.zarr"
+        path = folder / f"{safe}-{stamp}-{k}.ome.zarr"
     return path
 
 

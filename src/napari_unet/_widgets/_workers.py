@@ -12,6 +12,7 @@ Jobs never raise: a failure becomes ``job.failure`` (a plain message) and the wo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -209,7 +210,8 @@ class PredictJob(Job):
         n = len(self.requests)
         try:
             for i, req in enumerate(self.requests):
-                out = _open_store(req) if req.out_path is not None else None
+                store = _open_store(req) if req.out_path is not None else None
+                out = None if store is None else store.array
                 gen = self.segmenter.predict_iter(
                     req.data,
                     req.axes,
@@ -220,9 +222,12 @@ class PredictJob(Job):
                     scale=req.data_scale,
                     labels_out=out,
                 )
-                pred = yield from self._drive(
-                    _relay(gen, lambda d, t, i=i: PredictProgress(i, n, d, t))
-                )
+                with store if store is not None else contextlib.nullcontext():
+                    pred = yield from self._drive(
+                        _relay(gen, lambda d, t, i=i: PredictProgress(i, n, d, t))
+                    )
+                    if store is not None and pred is not None:  # pyramid, metadata, rename
+                        pred.labels = _publish_store(store)
                 if isinstance(pred.labels, np.ndarray):  # here, not on the GUI thread
                     pred.labels = _layers.compact_labels(pred.labels)
                     self.objects[i] = count_objects(pred.labels, self.segmenter.task)
@@ -253,20 +258,36 @@ def describe_result(job: PredictJob, layers: list) -> str:
 
 
 def _open_store(req: _layers.PredictRequest) -> Any:
-    """A new zarr array on disk for the labels of a big layer (chunks of one 1024x1024 plane)."""
+    """A new OME-Zarr (``omezarr.LabelsWriter``) for the labels of a big layer; its level 0
+    (chunks of one 1024x1024 plane) is what the prediction writes into."""
     try:
-        import zarr
+        import zarr  # noqa: F401 - the OME-Zarr store needs it
     except ImportError:
         raise ValueError(
             f"{req.source!r} is too large to segment in memory, and writing the labels to disk "
             "needs the 'zarr' package: pip install zarr (or napari-unet[all])"
         ) from None
-    from pathlib import Path
-
     shape = tuple(s for a, s in zip(req.axes, np.shape(req.data), strict=True) if a != "C")
     chunks = tuple([1] * (len(shape) - 2) + [min(1024, shape[-2]), min(1024, shape[-1])])
-    Path(req.out_path).parent.mkdir(parents=True, exist_ok=True)
-    return zarr.open_array(req.out_path, mode="w", shape=shape, chunks=chunks, dtype="int32")
+    from .. import omezarr
+
+    laxes = "".join(a for a in req.axes if a != "C")
+    scale = req.data_scale if req.data_scale and len(req.data_scale) == len(shape) else None
+    return omezarr.create_labels(
+        req.out_path, shape, laxes, chunks=chunks, scale=scale, name=STORE_LABELS
+    )
+
+
+#: The label image's name inside the OME-Zarr of a big layer's prediction.
+STORE_LABELS = "unet"
+
+
+def _publish_store(store: Any) -> Any:
+    """Finish the OME-Zarr (pyramid, metadata, rename into place); its level 0 for the layer."""
+    import zarr
+
+    path = store.finish()
+    return zarr.open_array(str(path / "labels" / STORE_LABELS / "0"), mode="r+")
 
 
 def _relay(gen: Generator, wrap: Callable[[int, int], Any]) -> Generator[Any, None, Any]:
