@@ -30,8 +30,9 @@ import tifffile
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import napari_unet as nu  # noqa: E402
 from _common import load1, machine_line  # noqa: E402
+
+import napari_unet as nu  # noqa: E402
 from napari_unet.metrics import match_instances  # noqa: E402
 
 REGION = 128
@@ -62,7 +63,9 @@ def score(seg, pairs) -> tuple[float, float, int, int, int]:
 
 def finetune(seg, imgs, labs, masks, seconds, threads):
     last = None
-    for last in seg.finetune(imgs, labs, masks, time_limit_s=seconds, num_threads=threads):
+    for last in seg.finetune(  # noqa: B007 - the last event is returned
+        imgs, labs, masks, time_limit_s=seconds, num_threads=threads
+    ):
         pass
     return last
 
@@ -134,6 +137,7 @@ def main() -> None:
     ap.add_argument("--round-seconds", type=float, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 5 s budgets")
+    ap.add_argument("--only-annotator", action="store_true", help="skip the whole-image runs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pairs = load(args.folder)
@@ -154,17 +158,16 @@ def main() -> None:
     f1, mean_f1, tp, fp, fn = score(start, test)
     print(f"\nstarter: F1 {f1:.3f} (mean per image {mean_f1:.3f}; {tp} TP, {fp} FP, {fn} FN)")
     table = [("starter, no training", "-", f1, 0.0, mean_f1)]
-    for b in budgets:
+    for b in () if args.only_annotator else budgets:
         seg = start.copy()
-        last = finetune(
-            seg, [p[1] for p in train], [p[2] for p in train], None, b, args.threads
-        )
+        last = finetune(seg, [p[1] for p in train], [p[2] for p in train], None, b, args.threads)
         g, mg, *_ = score(seg, test)
         table.append((f"fine-tune {b:.0f} s on the training images", last.step, g, g - f1, mg))
         print(f"fine-tune {b} s: {last.step} steps, F1 {g:.3f} ({g - f1:+.3f}); {last.reason}")
     print("\nsimulated annotator:")
     rows = annotator(start, train, test, rounds, secs, args.threads, f1)
-    wait, shape = round_wait(start, *train[0][1:], args.threads)
+    big = max(train, key=lambda p: min(p[1].shape))  # a 512x512 crop where there is one
+    wait, shape = round_wait(start, *big[1:], args.threads)
 
     print(f"\nload after: {load1():.2f}")
     print("\n| measure | steps | F1 (pooled) | vs starter | mean per image |")
@@ -173,8 +176,10 @@ def main() -> None:
         print(f"| {name} | {steps} | {g:.3f} | {d:+.3f} | {mg:.3f} |")
     for r, c, steps, _dt, g, d, mg, kept in rows:
         note = f" ({kept})" if kept else ""
-        print(f"| annotator round {r}: {c} corrected objects{note} | {steps} | {g:.3f} | "
-              f"{d:+.3f} | {mg:.3f} |")
+        print(
+            f"| annotator round {r}: {c} corrected objects{note} | {steps} | {g:.3f} | "
+            f"{d:+.3f} | {mg:.3f} |"
+        )
     print(f"\none round on {shape[0]}x{shape[1]} (predict, 20 s training, predict): {wait:.1f} s")
 
 

@@ -109,14 +109,26 @@ def main() -> None:
     t0 = time.perf_counter()
     last = 0.0
     for p in seg.finetune(
-        imgs, labs, time_limit_s=args.seconds, lr=args.lr, batch_size=8,
-        patch_shape=(128, 128), seed=args.seed, names=tags, num_threads=args.threads,
+        imgs,
+        labs,
+        time_limit_s=args.seconds,
+        lr=args.lr,
+        batch_size=8,
+        patch_shape=(128, 128),
+        seed=args.seed,
+        names=tags,
+        num_threads=args.threads,
+        safe=False,  # a starter learns from many images: no guard, replay or anchor
     ):
         if p.seconds - last > 60 or p.done:
             last = p.seconds
             print(f"{p.seconds:7.0f} s  step {p.step:6d}  loss {p.loss:.4f}", flush=True)
     t_imgs, t_labs = generated_set(12, args.diameter, 10_000 + args.seed, size=256)
-    f1 = float(np.mean([instance_f1(seg.predict(i).labels, lb) for i, lb in zip(t_imgs, t_labs)]))
+    f1 = float(
+        np.mean(
+            [instance_f1(seg.predict(i).labels, lb) for i, lb in zip(t_imgs, t_labs, strict=True)]
+        )
+    )
     print(f"held-out generated (12 images, unseen seeds): F1@0.5 {f1:.3f}")
     real = [f"DSB2018 stage1 {n} (Caicedo et al. 2019, CC0)" for n in names]
     seg.config["trained_on"] = real + [

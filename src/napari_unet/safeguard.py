@@ -6,7 +6,9 @@ therefore, when it fine-tunes a model that was trained before:
 
 * resizes the user's image so that its objects have the size the model was trained at
   (:func:`fit_to_model_size`), as prediction does;
-* mixes in generated nuclei like those the starter learned from (:func:`replay_samples`);
+* mixes in the model's own predictions on the parts of the user's images that were not
+  corrected (:func:`own_predictions`), or generated nuclei like those the starter learned
+  from when the whole image was corrected (:func:`replay_samples`);
 * pulls the weights toward where the round started and keeps the normalisation statistics
   (``training.train(anchor=..., freeze_norm=True)``), with a learning rate that grows with
   the number of corrected objects (:func:`round_lr`);
@@ -28,10 +30,10 @@ from .postprocess import instances_from_probabilities
 from .scale import diameter_of_labels, rescale_factor, resize_image, resize_labels
 from .targets import IGNORE
 
-__all__ = ["fit_to_model_size", "replay_samples", "round_lr", "Guard", "ANCHOR"]
+__all__ = ["fit_to_model_size", "replay_samples", "own_predictions", "round_lr", "Guard", "ANCHOR"]
 
 #: strength of the pull toward the round's starting weights (see ``training.train``)
-ANCHOR = 20.0
+ANCHOR = 100.0
 #: the guard keeps the old model when the new one scores this much lower
 TOLERANCE = 0.01
 
@@ -82,6 +84,36 @@ def replay_samples(seg, n: int = 2, size: int = 160, seed: int = 12345):
     return out
 
 
+def own_predictions(seg, samples, confidence: float = 0.0, max_pixels: int = 1024 * 1024):
+    """What the model predicts now on the parts of the user's images that were not corrected.
+
+    For each partly corrected sample (some pixels ``IGNORE``), a replay sample whose target is
+    the model's own class (argmax; with ``confidence``, only where its probability is above
+    it: measured, a threshold of 0.9 drops boundaries and costs more F1) outside the corrected
+    pixels: the round then keeps what the model already did right on the user's own images
+    ("learning without forgetting"), and changes what the corrections ask for.
+    """
+    from .training import TrainSample
+
+    out = []
+    predict = seg._predictor(torch.device("cpu"))
+    for s in samples:
+        ignored = s.target == IGNORE
+        if not ignored.any() or s.target.size > max_pixels or s.image.ndim != 3:
+            continue
+        prob = predict(np.ascontiguousarray(s.image[None], np.float32))[0]
+        target = np.argmax(prob, axis=0).astype(np.int64)
+        target[(prob.max(axis=0) < confidence) | ~ignored] = IGNORE
+        held = getattr(s, "held", None)
+        if held is not None:
+            target[held] = IGNORE
+        # objects cut by the corrected region's border: their pseudo-labels are unreliable there
+        target[ndimage.binary_dilation(~ignored, iterations=4)] = IGNORE
+        if (target != IGNORE).any():
+            out.append(TrainSample(s.image, target, name="", replay=True))
+    return out
+
+
 @dataclass
 class _Item:
     image: np.ndarray  # (C, h, w) normalised crop
@@ -119,6 +151,7 @@ class Guard:
         ring = ndimage.binary_dilation(held, iterations=2)
         sample.target = sample.target.copy()
         sample.target[ring] = IGNORE
+        sample.held = ring  # never replayed either (see own_predictions)
         objs = ndimage.find_objects(np.where(held, lab, 0).astype(np.int64))
         for i in chosen:
             sl = objs[int(i) - 1] if int(i) - 1 < len(objs) else None

@@ -120,7 +120,10 @@ def resize_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     shrink = shape[0] < img.shape[-2] or shape[1] < img.shape[-1]
     with torch.inference_mode():
         r = F.interpolate(
-            t, size=tuple(int(s) for s in shape), mode="bilinear", align_corners=False,
+            t,
+            size=tuple(int(s) for s in shape),
+            mode="bilinear",
+            align_corners=False,
             antialias=shrink,
         )
     return r.numpy().reshape(lead + tuple(int(s) for s in shape))

@@ -30,7 +30,9 @@ class TrainSample:
     """One training image: normalised ``image (C, *S)`` float32 and ``target (*S)`` int64.
 
     ``val_image``/``val_labels`` (optional) are a held-out region and its instance labels.
-    ``name`` says where it came from (kept in the model's history).
+    ``name`` says where it came from (kept in the model's history). ``replay`` marks data the
+    model learned from before (generated nuclei), mixed into fine-tuning so that it does not
+    forget: replay samples together get a fixed share of the patches (:data:`REPLAY_SHARE`).
     """
 
     image: np.ndarray
@@ -38,6 +40,7 @@ class TrainSample:
     val_image: np.ndarray | None = None
     val_labels: np.ndarray | None = None
     name: str = ""
+    replay: bool = False
 
 
 @dataclass
@@ -83,6 +86,10 @@ def thread_limit(num_threads: int | None):
         torch.set_num_threads(old)
 
 
+#: Fraction of the patches drawn from replay samples, when there are any.
+REPLAY_SHARE = 0.5
+
+
 class _PatchSampler:
     """Random patches centred on annotated pixels, half of them on foreground."""
 
@@ -93,8 +100,13 @@ class _PatchSampler:
         counts = np.array([a.size for a in self.annotated], float)
         if counts.sum() == 0:
             raise ValueError("nothing to learn from: no annotated pixel in any training image")
+        replay = np.array([s.replay for s in samples], bool)
+        if replay.any() and counts[~replay].sum() > 0:
+            counts[replay] *= REPLAY_SHARE / counts[replay].sum()
+            counts[~replay] *= (1.0 - REPLAY_SHARE) / counts[~replay].sum()
         self.p = counts / counts.sum()
-        self.total = int(counts.sum())
+        own = [a.size for a, r in zip(self.annotated, replay, strict=True) if not r]
+        self.total = int(sum(own) or 1)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         i = int(self.rng.choice(len(self.samples), p=self.p))
@@ -176,6 +188,8 @@ def train(
     channels_last: bool = True,
     validate: Callable[[nn.Module, TrainSample], float] | None = None,
     eval_every_s: float = 5.0,
+    anchor: float = 0.0,
+    freeze_norm: bool = False,
 ) -> Generator[TrainProgress, None, None]:
     """Fine-tune ``net`` in place on random patches of ``samples``; yields progress each step.
 
@@ -196,6 +210,14 @@ def train(
         ``eval_every_s`` seconds and at the end. The best-scoring weights are kept.
     num_threads
         torch CPU threads during training (leave one core to a GUI); None keeps the current.
+    anchor
+        Pull toward the weights training started from (decoupled, like AdamW's weight decay
+        but toward the start instead of zero): after each step every weight moves back by
+        ``lr * anchor`` of its distance from where it started. A fine-tuned model then keeps
+        what it knew where the new data says nothing.
+    freeze_norm
+        Keep the normalisation layers' running statistics as they are (the few patches of a
+        correction round would otherwise overwrite statistics learned from many images).
 
     Yields
     ------
@@ -229,6 +251,7 @@ def train(
         net.to(memory_format=mem_fmt)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
         good = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        start = [p.detach().clone() for p in net.parameters()] if anchor > 0 else None
         best_f1, best_state = -1.0, None
         history: list[dict] = []
         t0 = time.perf_counter()
@@ -265,6 +288,10 @@ def train(
                 y = y.to(device, non_blocking=True)
 
                 net.train()
+                if freeze_norm:
+                    for m in net.modules():
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                            m.eval()
                 logits = net(x)
                 loss = _loss(logits, y, weight)
                 opt.zero_grad(set_to_none=True)
@@ -274,6 +301,11 @@ def train(
                     break
                 loss.backward()
                 opt.step()
+                if start is not None:
+                    with torch.no_grad():
+                        keep = 1.0 - min(1.0, cur_lr * anchor)
+                        for p, p0 in zip(net.parameters(), start, strict=True):
+                            p.mul_(keep).add_(p0, alpha=1.0 - keep)
                 step += 1
                 lv = float(loss.detach())
                 loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv

@@ -352,6 +352,7 @@ class PredictRequest:
     notes: list[str] = field(default_factory=list)
     data_scale: tuple[float, ...] | None = None  # physical size of each spatial axis of data
     out_path: str | None = None  # where the labels of a big layer are written (zarr store)
+    diameter: float | None = None  # typical object diameter in pixels of data (None: estimate)
 
 
 def make_request(

@@ -204,6 +204,7 @@ class PredictJob(Job):
         self.objects: dict[int, int | None] = {}  # request index -> objects found
         self.digests: dict[int, str | None] = {}  # request index -> labels_digest (2D)
         self.seconds: dict[int, float] = {}  # request index -> prediction seconds
+        self.sizes: dict[int, tuple[float, float]] = {}  # request index -> (diameter, zoom)
 
     def run(self):
         results: list[tuple[_layers.PredictRequest, Prediction]] = []
@@ -221,6 +222,7 @@ class PredictJob(Job):
                     num_threads=self.num_threads,
                     scale=req.data_scale,
                     labels_out=out,
+                    diameter=req.diameter if out is None else None,
                 )
                 with store if store is not None else contextlib.nullcontext():
                     pred = yield from self._drive(
@@ -228,6 +230,8 @@ class PredictJob(Job):
                     )
                     if store is not None and pred is not None:  # pyramid, metadata, rename
                         pred.labels = _publish_store(store)
+                if pred.diameter:
+                    self.sizes[i] = (pred.diameter, pred.zoom)
                 if isinstance(pred.labels, np.ndarray):  # here, not on the GUI thread
                     pred.labels = _layers.compact_labels(pred.labels)
                     self.objects[i] = count_objects(pred.labels, self.segmenter.task)
@@ -253,7 +257,11 @@ def describe_result(job: PredictJob, layers: list) -> str:
     for i, layer in enumerate(layers):
         n = job.objects.get(i)
         what = f"{n} object{'s' if n != 1 else ''}" if n is not None else "segmented"
-        parts.append(f"{layer.name}: {what} in {job.seconds.get(i, 0.0):.1f} s")
+        size = ""
+        if i in job.sizes:
+            d, zoom = job.sizes[i]
+            size = f", about {d:.0f} px across" + (f" (resized x{zoom:.2f})" if zoom != 1 else "")
+        parts.append(f"{layer.name}: {what}{size} in {job.seconds.get(i, 0.0):.1f} s")
     return "; ".join(parts)
 
 

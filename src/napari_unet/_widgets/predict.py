@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -76,6 +78,15 @@ class PredictWidget(QWidget):
         self.scope_combo = QComboBox()
         self.scope_combo.addItems(_layers.SCOPES)
         self.probs_check = QCheckBox("also add probabilities")
+        self.diameter_box = QDoubleSpinBox()
+        self.diameter_box.setRange(0.0, 2000.0)
+        self.diameter_box.setDecimals(0)
+        self.diameter_box.setSuffix(" px")
+        self.diameter_box.setSpecialValueText("auto")  # 0: estimated from the image
+        self.diameter_box.setToolTip(
+            "Typical nucleus diameter in pixels. 'auto' measures it from a first pass; the "
+            "image is resized so its nuclei have the size the model was trained at."
+        )
         self.predict_button = QPushButton("Predict")
         self.cancel_button = QPushButton("Cancel")
         self.progress = progress_bar()
@@ -90,6 +101,7 @@ class PredictWidget(QWidget):
         form.addRow("Model", self.model_label)
         form.addRow("Device", self.device_combo)
         form.addRow("Scope", self.scope_combo)
+        form.addRow("Object diameter", self.diameter_box)
         buttons = QHBoxLayout()
         buttons.addWidget(self.predict_button)
         buttons.addWidget(self.cancel_button)
@@ -175,6 +187,10 @@ class PredictWidget(QWidget):
             logger.exception("napari-unet: cannot prepare the prediction")
             show_error(user_message(e))
             return None
+        if self.diameter_box.value() > 0:
+            factor = request.region.factor  # a coarser level of a multiscale layer
+            shrink = float(np.mean(factor[-2:])) if factor else 1.0
+            request.diameter = float(self.diameter_box.value()) / shrink
         for note in request.notes:
             show_info(note)
         self.status_label.setText(f"predicting {layer.name!r} ...")

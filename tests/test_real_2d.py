@@ -1,0 +1,179 @@
+"""Real-image behaviour of the 2D starter: object size, safe fine-tuning, the guard.
+
+Small budgets: steps, not seconds, so results do not depend on how busy the machine is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+import napari_unet as nu
+from napari_unet.data import make_nuclei
+from napari_unet.metrics import instance_f1, match_instances
+from napari_unet.scale import (
+    BAND,
+    diameter_of_foreground,
+    diameter_of_labels,
+    rescale_factor,
+    resize_image,
+    resize_labels,
+)
+from napari_unet.synthetic import make_realistic_nuclei
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def starter():
+    torch.set_num_threads(2)
+    return nu.Segmenter.pretrained("nuclei")
+
+
+def _disks(shape, centres, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    lab = np.zeros(shape, np.int32)
+    for i, (cy, cx) in enumerate(centres, 1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+    return lab
+
+
+# ----------------------------------------------------------------------------- object size
+def test_diameter_of_labels_is_the_equivalent_circle_diameter():
+    lab = _disks((200, 200), [(50, 50), (140, 140)], 20)
+    assert diameter_of_labels(lab) == pytest.approx(40, rel=0.03)
+    assert diameter_of_labels(np.zeros((10, 10), int)) is None
+    mask = np.zeros(lab.shape, bool)
+    mask[40:60, 40:60] = True  # only the first disk is touched
+    assert diameter_of_labels(lab, mask) == pytest.approx(40, rel=0.03)
+
+
+@pytest.mark.parametrize("r0", [4.0, 10.0, 30.0])
+def test_diameter_of_foreground_follows_the_object_size(r0):
+    img, lab = make_realistic_nuclei((384, 384), radius=(r0, 1.2 * r0), touching=0.5, seed=3)
+    est = diameter_of_foreground(lab > 0)
+    assert est == pytest.approx(diameter_of_labels(lab), rel=0.3)
+
+
+def test_rescale_factor_leaves_the_trained_band_alone():
+    assert rescale_factor(18, 18) == 1.0
+    assert rescale_factor(18 * BAND * 0.99, 18) == 1.0
+    assert rescale_factor(90, 18) == pytest.approx(0.2)  # big nuclei: down to the model's size
+    assert 1.0 < rescale_factor(6, 18) < 3.0  # small ones: up, to the band
+    assert rescale_factor(None, 18) == 1.0 and rescale_factor(30, None) == 1.0
+
+
+def test_resize_keeps_labels_integer_and_shapes():
+    lab = _disks((100, 120), [(50, 60)], 30)
+    small = resize_labels(lab, (50, 60))
+    assert small.dtype == lab.dtype and small.shape == (50, 60)
+    assert set(np.unique(small)) == {0, 1}
+    img = resize_image(np.random.default_rng(0).random((2, 100, 120)), (50, 60))
+    assert img.shape == (2, 50, 60) and img.dtype == np.float32
+
+
+def test_predict_refuses_a_bad_diameter(starter):
+    img, _ = make_nuclei((64, 64), seed=0)
+    for bad in (0, -3, float("nan"), "big"):
+        with pytest.raises(ValueError, match="diameter"):
+            starter.predict(img, diameter=bad)
+
+
+# ----------------------------------------------------------------------------- the starter
+def test_starter_records_its_object_size(starter):
+    assert starter.config.get("diameter"), "the starter must say which object size it knows"
+
+
+def test_a_large_nucleus_is_one_object(starter):
+    img, lab = make_realistic_nuclei(
+        (320, 320), radius=(38, 42), density=0.25, touching=0.0, texture=0.5, snr=10, seed=11
+    )
+    assert lab.max() >= 2 and diameter_of_labels(lab) > 60
+    pred = starter.predict(img)
+    assert pred.zoom < 0.5, "big nuclei are predicted on a smaller image"
+    m = match_instances(pred.labels, lab, iou_threshold=0.5)
+    assert m.fp == 0 and m.fn == 0, f"{m.tp} found, {m.fp} false, {m.fn} missed"
+
+
+def test_given_diameter_is_used(starter):
+    img, lab = make_realistic_nuclei((256, 256), radius=(30, 34), seed=2, touching=0.0)
+    pred = starter.predict(img, diameter=60)
+    assert pred.diameter == 60 and pred.zoom == pytest.approx(starter.config["diameter"] / 60)
+    assert pred.labels.shape == img.shape
+
+
+def test_real_image_is_segmented(starter):
+    """A small CC0 DSB2018 image (tests/data/README.md), not among the starter's training
+    images: most nuclei found, and separated."""
+    img = tifffile.imread(DATA / "dsb2018_df9a4212ecb67bb4.tif")
+    lab = tifffile.imread(DATA / "dsb2018_df9a4212ecb67bb4_masks.tif")
+    assert instance_f1(starter.predict(img).labels, lab) >= 0.8
+
+
+# ----------------------------------------------------------------------------- safe rounds
+def _heldout(n=2, **kw):
+    return [make_realistic_nuclei((192, 192), seed=900 + i, **kw) for i in range(n)]
+
+
+def _f1(seg, pairs):
+    return float(np.mean([instance_f1(seg.predict(i).labels, lb) for i, lb in pairs]))
+
+
+def test_one_corrected_object_does_not_make_it_worse(starter):
+    style = {"radius": (7.0, 10.0), "snr": 6.0, "texture": 0.4, "clutter": 0.5}
+    test = _heldout(**style)
+    before = _f1(starter, test)
+    img, lab = make_realistic_nuclei((192, 192), seed=77, **style)
+    obj = np.argwhere(lab == 1)
+    (y0, x0), (y1, x1) = obj.min(0) - 6, obj.max(0) + 7
+    mask = np.zeros(lab.shape, bool)
+    mask[max(y0, 0) : y1, max(x0, 0) : x1] = True
+    pred = starter.predict(img).labels
+    corrected = np.where(mask, lab, pred)
+    seg = starter.copy()
+    for _ in seg.finetune(img, corrected, mask, steps=40, time_limit_s=None, num_threads=2):
+        pass
+    after = _f1(seg, test)
+    assert after >= before - 0.01, f"F1 {before:.3f} -> {after:.3f} after one corrected object"
+
+
+def test_finetuning_on_an_annotated_image_helps_on_another(starter):
+    style = {"blur": 3.0, "touching": 0.7, "snr": 5.0, "radius": (6.0, 11.0)}
+    train_img, train_lab = make_nuclei((192, 192), seed=5, **style)
+    test = [make_nuclei((192, 192), seed=600 + i, **style) for i in range(2)]
+    before = _f1(starter, test)
+    seg = starter.copy()
+    for _ in seg.finetune(train_img, train_lab, steps=80, time_limit_s=None, num_threads=2):
+        pass
+    after = _f1(seg, test)
+    assert after > before + 0.02, f"F1 {before:.3f} -> {after:.3f}"
+
+
+def test_guard_keeps_the_previous_model_when_a_round_makes_it_worse(starter):
+    img, lab = make_realistic_nuclei((192, 192), radius=(7.0, 10.0), seed=8, touching=0.2)
+    seg = starter.copy()
+    for _ in seg.finetune(img, lab, steps=3, time_limit_s=None):  # objects held out: the guard
+        pass
+    kept = {k: v.clone() for k, v in seg.net.state_dict().items()}
+    # a harmful round: the user "corrects" every nucleus away, with a big learning rate
+    wrong = np.zeros_like(lab)
+    wrong[:, :2] = 1  # one sliver object, so the labels are not empty
+    last = None
+    for last in seg.finetune(img, wrong, steps=30, time_limit_s=None, lr=0.05):  # noqa: B007
+        pass
+    assert "kept the previous model" in last.reason
+    for k, v in seg.net.state_dict().items():
+        assert torch.equal(v, kept[k]), k
+
+
+def test_finetuned_model_does_not_keep_its_parents_scores(starter, tmp_path):
+    img, lab = make_nuclei((96, 96), seed=1)
+    seg = starter.copy()
+    for _ in seg.finetune(img, lab, steps=2, time_limit_s=None):
+        pass
+    assert seg.config["val_score"] is None
+    assert "model_card" not in seg.config
