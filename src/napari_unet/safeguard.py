@@ -30,7 +30,15 @@ from .postprocess import instances_from_probabilities
 from .scale import diameter_of_labels, rescale_factor, resize_image, resize_labels
 from .targets import IGNORE
 
-__all__ = ["fit_to_model_size", "replay_samples", "own_predictions", "round_lr", "Guard", "ANCHOR"]
+__all__ = [
+    "fit_to_model_size",
+    "replay_samples",
+    "own_predictions",
+    "round_plan",
+    "round_lr",
+    "Guard",
+    "ANCHOR",
+]
 
 #: strength of the pull toward the round's starting weights (see ``training.train``)
 ANCHOR = 100.0
@@ -49,6 +57,22 @@ def fit_to_model_size(x: np.ndarray, y: np.ndarray, m: np.ndarray | None, model_
     y2 = resize_labels(y, shape)
     m2 = None if m is None else resize_labels(m, shape)
     return x2, y2, m2
+
+
+def round_plan(n_objects: int) -> dict:
+    """How hard a correction round holds on to the old model, from how much was corrected.
+
+    A few objects say little about the rest of the image: strong pull toward the old weights,
+    half the patches from the model's own predictions, normalisation statistics frozen. Many
+    objects may say the images differ from what the model knew (another microscope): it
+    adapts more freely.
+    """
+    few = float(np.clip(5.0 / max(n_objects, 1), 0.0, 1.0))  # 1 for <= 5 objects
+    return {
+        "anchor": ANCHOR * few,
+        "replay_share": float(np.clip(0.5 * few, 0.1, 0.5)),
+        "freeze_norm": n_objects < 10,
+    }
 
 
 def round_lr(n_objects: int, base: float = 1e-3) -> float:

@@ -36,15 +36,15 @@ from .postprocess import (
     link_to_previous,
 )
 from .postprocess3d import SliceLinker, instances_3d_from_stack
+from .safeguard import TOLERANCE as GUARD_TOLERANCE
 from .safeguard import (
-    ANCHOR,
     Guard,
     fit_to_model_size,
     own_predictions,
     replay_samples,
     round_lr,
+    round_plan,
 )
-from .safeguard import TOLERANCE as GUARD_TOLERANCE
 from .scale import diameter_of_foreground, rescale_factor, resize_image
 from .targets import IGNORE, instance_targets, semantic_targets
 from .tiling import BlockCache, chunk_shape, plan_tiles, tiled_inference
@@ -806,6 +806,7 @@ class Segmenter:
             batch_size = 8 if nd == 2 else 2
         if lr is None:
             lr = round_lr(n_objects) if safe else 1e-3 if self.config.get("history") else 3e-3
+        plan = round_plan(n_objects) if safe else {}
         if safe:
             # measured: generated replay lowered F1 after small rounds (0.981 -> 0.970), the
             # model's own predictions on the user's image do not; generated only without them
@@ -832,8 +833,9 @@ class Segmenter:
             device=dev,
             num_threads=num_threads,
             validate=self._validate if val_fraction > 0 else None,
-            anchor=ANCHOR if safe else 0.0,
-            freeze_norm=bool(safe),
+            anchor=plan.get("anchor", 0.0),
+            freeze_norm=plan.get("freeze_norm", False),
+            replay_share=plan.get("replay_share", 0.3),
         )
         try:
             for last in gen:

@@ -93,7 +93,9 @@ REPLAY_SHARE = 0.5
 class _PatchSampler:
     """Random patches centred on annotated pixels, half of them on foreground."""
 
-    def __init__(self, samples: Sequence[TrainSample], patch: tuple[int, ...], rng):
+    def __init__(
+        self, samples: Sequence[TrainSample], patch: tuple[int, ...], rng, share=REPLAY_SHARE
+    ):
         self.samples, self.patch, self.rng = samples, patch, rng
         self.annotated = [np.flatnonzero(s.target.reshape(-1) != IGNORE) for s in samples]
         self.foreground = [np.flatnonzero(s.target.reshape(-1) > 0) for s in samples]
@@ -102,8 +104,8 @@ class _PatchSampler:
             raise ValueError("nothing to learn from: no annotated pixel in any training image")
         replay = np.array([s.replay for s in samples], bool)
         if replay.any() and counts[~replay].sum() > 0:
-            counts[replay] *= REPLAY_SHARE / counts[replay].sum()
-            counts[~replay] *= (1.0 - REPLAY_SHARE) / counts[~replay].sum()
+            counts[replay] *= share / counts[replay].sum()
+            counts[~replay] *= (1.0 - share) / counts[~replay].sum()
         self.p = counts / counts.sum()
         own = [a.size for a, r in zip(self.annotated, replay, strict=True) if not r]
         self.total = int(sum(own) or 1)
@@ -190,6 +192,7 @@ def train(
     eval_every_s: float = 5.0,
     anchor: float = 0.0,
     freeze_norm: bool = False,
+    replay_share: float = REPLAY_SHARE,
 ) -> Generator[TrainProgress, None, None]:
     """Fine-tune ``net`` in place on random patches of ``samples``; yields progress each step.
 
@@ -218,6 +221,8 @@ def train(
     freeze_norm
         Keep the normalisation layers' running statistics as they are (the few patches of a
         correction round would otherwise overwrite statistics learned from many images).
+    replay_share
+        Fraction of the patches drawn from samples marked ``replay`` (when there are any).
 
     Yields
     ------
@@ -234,7 +239,7 @@ def train(
     rng = np.random.default_rng(seed)
     if seed is not None:
         torch.manual_seed(seed)
-    sampler = _PatchSampler(samples, tuple(patch_shape), rng)
+    sampler = _PatchSampler(samples, tuple(patch_shape), rng, replay_share)
     n_classes = getattr(net, "out_channels", None) or int(max(s.target.max() for s in samples)) + 1
     weight = _class_weights(samples, n_classes).to(device)
     ndim = len(patch_shape)
