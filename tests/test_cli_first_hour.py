@@ -118,3 +118,18 @@ def test_load_monitor_is_quiet_on_an_idle_cpu(monkeypatch):
     mon = cpu.LoadMonitor(2, every_s=0.0)
     assert all(mon.update(k, k * 0.2) is None for k in range(1, 20))
     assert mon.note is None
+
+
+# ----------------------------------------------------------------------------- item 3
+def test_a_finetuned_model_lists_its_own_score_not_the_starters(pair, capsys):
+    """Fine-tuned from the starter without a hold-out: no validation score of its own, so
+    `models list` must not show the starter's (it did: 0.943 copied from the parent)."""
+    img, lab = pair
+    starter_score = f"{cli.load_segmenter('pretrained:nuclei').config['val_score']:.3f}"
+    argv = ["train", str(img), "--labels", str(lab), "--from", "pretrained:nuclei"]
+    argv += ["-o", "registry:mine", "--steps", "2", "--val", "0"]
+    assert cli.main(["--threads", "1", *argv]) == 0
+    capsys.readouterr()
+    assert cli.main(["models", "list"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "mine" in line)
+    assert starter_score not in row, row
