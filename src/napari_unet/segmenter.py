@@ -209,7 +209,8 @@ class Segmenter:
     @classmethod
     def load(cls, path: str | Path) -> Segmenter:
         """Load a model saved with :meth:`save` (a folder or a single ``.safetensors`` file),
-        or a bioimage.io package (``.zip``) made by :func:`napari_unet.bioimageio.export_package`."""
+        or a bioimage.io package (``.zip``) made by
+        :func:`napari_unet.bioimageio.export_package`."""
         from . import bioimageio
 
         if bioimageio.is_package(path):
@@ -283,7 +284,7 @@ class Segmenter:
         if not hasattr(image, "shape") or not hasattr(image, "dtype"):
             image = np.asarray(image)
         dt = np.dtype(image.dtype)
-        if dt != bool and (not np.issubdtype(dt, np.number) or dt.kind == "c"):
+        if dt != np.dtype(bool) and (not np.issubdtype(dt, np.number) or dt.kind == "c"):
             # lazy inputs too; their NaN/inf are found block by block as they are read
             raise ValueError(f"{name} has dtype {dt}; expected a real-valued image")
         if isinstance(image, np.ndarray):
