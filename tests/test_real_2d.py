@@ -178,3 +178,20 @@ def test_finetuned_model_does_not_keep_its_parents_scores(starter, tmp_path):
         pass
     assert seg.config["val_score"] is None
     assert "model_card" not in seg.config
+
+
+def test_a_small_round_that_changes_everything_else_is_undone(starter):
+    """Two corrected objects are no reason to change the prediction elsewhere: with no object
+    to hold out, the round is judged by what it left unchanged where nothing was corrected."""
+    img, lab = make_realistic_nuclei((192, 192), radius=(7.0, 10.0), seed=4, touching=0.2)
+    seg = starter.copy()
+    mask = np.zeros(lab.shape, bool)
+    mask[:40, :40] = True
+    wrong = np.where(mask, 0, starter.predict(img).labels)  # "erase" a corner, at a huge lr
+    kept = {k: v.clone() for k, v in seg.net.state_dict().items()}
+    last = None
+    for last in seg.finetune(img, wrong, mask, steps=30, time_limit_s=None, lr=0.05):  # noqa: B007
+        pass
+    assert "kept the previous model" in last.reason and "nothing was corrected" in last.reason
+    for k, v in seg.net.state_dict().items():
+        assert torch.equal(v, kept[k]), k

@@ -14,7 +14,9 @@ therefore, when it fine-tunes a model that was trained before:
   the number of corrected objects (:func:`round_lr`);
 * holds out some corrected objects from training (:class:`Guard`), scores the model before
   and after the round on them and on the objects held out in earlier rounds, and keeps the
-  old weights when the new ones score lower.
+  old weights when the new ones score lower;
+* judges a round of a few objects also by what it changed where nothing was corrected
+  (:func:`agreement`), and keeps the old weights when it changed much.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ __all__ = [
 ANCHOR = 100.0
 #: the guard keeps the old model when the new one scores this much lower
 TOLERANCE = 0.01
+#: rounds of fewer corrected objects than this are also judged by what they change elsewhere
+FEW_OBJECTS = 10
+#: ... and the old model is kept when less than this share of the other objects stays the same
+AGREEMENT = 0.95
 
 
 def fit_to_model_size(x: np.ndarray, y: np.ndarray, m: np.ndarray | None, model_d: float | None):
@@ -134,8 +140,48 @@ def own_predictions(seg, samples, confidence: float = 0.0, max_pixels: int = 102
         # objects cut by the corrected region's border: their pseudo-labels are unreliable there
         target[ndimage.binary_dilation(~ignored, iterations=4)] = IGNORE
         if (target != IGNORE).any():
-            out.append(TrainSample(s.image, target, name="", replay=True))
+            r = TrainSample(s.image, target, name="", replay=True)
+            r.before = _instances(prob, {})  # what the model predicted there before the round
+            r.untouched = ignored if held is None else ignored & ~held
+            out.append(r)
     return out
+
+
+def _instances(prob: np.ndarray, postprocess: dict) -> np.ndarray:
+    return instances_from_probabilities(
+        prob,
+        seed_threshold=postprocess.get("seed_threshold", 0.5),
+        foreground_threshold=postprocess.get("foreground_threshold", 0.5),
+        min_size=postprocess.get("min_size"),
+    )
+
+
+def agreement(net, replays, postprocess: dict) -> float | None:
+    """How much of the model's prediction on the uncorrected parts of the user's images a round
+    left as it was: F1 at IoU 0.5 between the objects before and after, there (1 = unchanged).
+
+    A round of a few corrected objects has no held-out objects to judge it by; it may still
+    change the prediction everywhere else, which nothing the user did asked for.
+    """
+    from .metrics import match_instances
+
+    items = [r for r in replays if getattr(r, "before", None) is not None]
+    if not items:
+        return None
+    was_training = net.training
+    net.eval()
+    dev = next(net.parameters()).device
+    tp = fp = fn = 0
+    with torch.inference_mode():
+        for r in items:
+            x = torch.from_numpy(np.ascontiguousarray(r.image[None], np.float32)).to(dev)
+            prob = net(x).float().softmax(1)[0].cpu().numpy()
+            after = _instances(prob, postprocess)
+            keep = r.untouched
+            m = match_instances(np.where(keep, after, 0), np.where(keep, r.before, 0))
+            tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
+    net.train(was_training)
+    return 2 * tp / max(2 * tp + fp + fn, 1) if tp + fp + fn else None
 
 
 @dataclass

@@ -36,15 +36,18 @@ from .postprocess import (
     link_to_previous,
 )
 from .postprocess3d import SliceLinker, instances_3d_from_stack
-from .safeguard import TOLERANCE as GUARD_TOLERANCE
+from .safeguard import AGREEMENT as GUARD_AGREEMENT
 from .safeguard import (
+    FEW_OBJECTS,
     Guard,
+    agreement,
     fit_to_model_size,
     own_predictions,
     replay_samples,
     round_lr,
     round_plan,
 )
+from .safeguard import TOLERANCE as GUARD_TOLERANCE
 from .scale import diameter_of_foreground, rescale_factor, resize_image
 from .targets import IGNORE, instance_targets, semantic_targets
 from .tiling import BlockCache, chunk_shape, plan_tiles, tiled_inference
@@ -820,10 +823,15 @@ class Segmenter:
             own = own_predictions(self, samples)
             samples += own if own else replay_samples(self)
             guard.items = getattr(self, "_guard_bank", []) + guard.items
+        else:
+            own = []
         dev = resolve_device(device)
         pp = self.config.get("postprocess", {})
         before = guard.score(self.net, pp) if guard is not None else None
-        start_state = copy.deepcopy(self.net.state_dict()) if before is not None else None
+        # a small round is also judged by how much it changes the uncorrected parts
+        judge = own if safe and n_objects < FEW_OBJECTS else []
+        keep_old = before is not None or bool(judge)
+        start_state = copy.deepcopy(self.net.state_dict()) if keep_old else None
 
         started = _now()
         last: TrainProgress | None = None
@@ -848,8 +856,8 @@ class Segmenter:
             for last in gen:
                 if last.done and guard is not None:
                     self._guard_bank = guard.items
-                    if before is not None:
-                        last.reason += self._keep_better(guard, before, start_state, pp)
+                    if start_state is not None:
+                        last.reason += self._keep_better(guard, before, start_state, pp, judge)
                 yield last
         finally:
             gen.close()
@@ -857,18 +865,31 @@ class Segmenter:
             if last is not None:
                 self._record(last, started, names, n_objects, lr, patch)
 
-    def _keep_better(self, guard: Guard, before: float, start_state: dict, pp: dict) -> str:
+    def _keep_better(self, guard: Guard, before, start_state: dict, pp: dict, judge) -> str:
         """After a safe round: the old weights back if the new ones score lower on the
-        held-out corrected objects. Returns what to add to the round's ``reason``."""
-        after = guard.score(self.net, pp)
-        what = f"{len(guard)} corrected object(s) it did not train on"
-        if after is not None and after < before - GUARD_TOLERANCE:
+        held-out corrected objects, or if a small round changed much of the prediction where
+        nothing was corrected. Returns what to add to the round's ``reason``."""
+        said = ""
+        if before is not None:
+            after = guard.score(self.net, pp)
+            what = f"{len(guard)} corrected object(s) it did not train on"
+            if after is not None and after < before - GUARD_TOLERANCE:
+                self.net.load_state_dict(start_state)
+                return (
+                    f"; kept the previous model: on {what} the new one scored {after:.3f}, "
+                    f"the previous one {before:.3f}"
+                )
+            said = f"; on {what} it scores {after:.3f} (was {before:.3f})"
+        same = agreement(self.net, judge, pp) if judge else None
+        if same is not None and same < GUARD_AGREEMENT:
             self.net.load_state_dict(start_state)
             return (
-                f"; kept the previous model: on {what} the new one scored {after:.3f}, "
-                f"the previous one {before:.3f}"
+                f"; kept the previous model: a round of few corrected objects changed "
+                f"{1 - same:.0%} of the objects where nothing was corrected"
             )
-        return f"; on {what} it scores {after:.3f} (was {before:.3f})"
+        if same is not None:
+            said += f"; {same:.0%} of the objects where nothing was corrected unchanged"
+        return said
 
     def _validate(self, net: UNet, sample: TrainSample) -> float:
         net.eval()
