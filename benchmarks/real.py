@@ -36,6 +36,7 @@ import napari_unet as nu  # noqa: E402
 from napari_unet.metrics import match_instances  # noqa: E402
 
 REGION = 128
+VERBOSE = False  # --verbose: object size and F1 of each scored image
 
 
 def load(folder: str):
@@ -55,7 +56,12 @@ def score(seg, pairs) -> tuple[float, float, int, int, int]:
     tp = fp = fn = 0
     per = []
     for _, img, lab in pairs:
-        m = match_instances(seg.predict(img).labels, lab, iou_threshold=0.5)
+        pred = seg.predict(img)
+        if VERBOSE:
+            print(f"    {_[:8]} zoom {pred.zoom:.2f} diameter {pred.diameter or 0:.1f}", end="")
+        m = match_instances(pred.labels, lab, iou_threshold=0.5)
+        if VERBOSE:
+            print(f" F1 {2 * m.tp / max(2 * m.tp + m.fp + m.fn, 1):.3f}")
         tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
         per.append(2 * m.tp / max(2 * m.tp + m.fp + m.fn, 1))
     return 2 * tp / max(2 * tp + fp + fn, 1), float(np.mean(per)), tp, fp, fn
@@ -138,7 +144,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 5 s budgets")
     ap.add_argument("--only-annotator", action="store_true", help="skip the whole-image runs")
+    ap.add_argument("--verbose", action="store_true", help="size and F1 of each scored image")
     args = ap.parse_args()
+    global VERBOSE
+    VERBOSE = args.verbose
     torch.set_num_threads(args.threads)
     pairs = load(args.folder)
     n_train = len(pairs) // 2 if args.train is None else args.train

@@ -143,8 +143,21 @@ def own_predictions(seg, samples, confidence: float = 0.0, max_pixels: int = 102
             r = TrainSample(s.image, target, name="", replay=True)
             r.before = _instances(prob, {})  # what the model predicted there before the round
             r.untouched = ignored if held is None else ignored & ~held
+            r.changed = _changed(r.before, s)
             out.append(r)
     return out
+
+
+def _changed(before: np.ndarray, sample) -> int:
+    """Objects the user changed in the trusted pixels of ``sample``: the model's objects there
+    they erased or redrew, plus the objects they added (matched at IoU 0.5)."""
+    from .metrics import match_instances
+
+    labels, trusted = getattr(sample, "labels", None), getattr(sample, "trusted", None)
+    if labels is None or trusted is None:
+        return 0
+    m = match_instances(np.where(trusted, before, 0), np.where(trusted, labels, 0))
+    return int(m.fp + m.fn)
 
 
 def _instances(prob: np.ndarray, postprocess: dict) -> np.ndarray:

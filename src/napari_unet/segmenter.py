@@ -792,6 +792,8 @@ class Segmenter:
                 else:
                     tgt = semantic_targets(y, self.net.out_channels, m)
                 s = TrainSample(np.ascontiguousarray(x, np.float32), tgt, name=names[i])
+                if safe and m is not None:
+                    s.labels, s.trusted = y, m  # to count what the user changed
                 if val_fraction > 0 and self.task == "instance":
                     _hold_out(s, y, m, val_fraction, div)
                 if guard is not None:
@@ -814,22 +816,28 @@ class Segmenter:
         )
         if batch_size is None:
             batch_size = 8 if nd == 2 else 2
+        lr_given, n_corr = lr, n_objects
         if lr is None:
             lr = round_lr(n_objects) if safe else 1e-3 if self.config.get("history") else 3e-3
-        plan = round_plan(n_objects) if safe else {}
         if safe:
             # measured: generated replay lowered F1 after small rounds (0.981 -> 0.970), the
             # model's own predictions on the user's image do not; generated only without them
             own = own_predictions(self, samples)
+            if own and all(getattr(s, "trusted", None) is not None for s in samples):
+                # partial corrections: what the user changed, not what the regions hold
+                n_corr = sum(r.changed for r in own)
+                if lr_given is None:
+                    lr = round_lr(n_corr)
             samples += own if own else replay_samples(self)
             guard.items = getattr(self, "_guard_bank", []) + guard.items
         else:
             own = []
+        plan = round_plan(n_corr) if safe else {}
         dev = resolve_device(device)
         pp = self.config.get("postprocess", {})
         before = guard.score(self.net, pp) if guard is not None else None
         # a small round is also judged by how much it changes the uncorrected parts
-        judge = own if safe and n_objects < FEW_OBJECTS else []
+        judge = own if safe and n_corr < FEW_OBJECTS else []
         keep_old = before is not None or bool(judge)
         start_state = copy.deepcopy(self.net.state_dict()) if keep_old else None
 
@@ -1007,6 +1015,7 @@ class _Sizer:
         self.diameter = float(diameter) if diameter is not None else None
         self.zoom: float = 1.0
         self.decided = False
+        self.refined = diameter is not None  # a diameter given is not second-guessed
         if self.active and self.diameter is not None:
             self.zoom, self.decided = rescale_factor(self.diameter, self.model_d), True
 
@@ -1033,6 +1042,16 @@ class _Sizer:
         buf = np.zeros((out.shape[0], *small), np.float32)
         for d in run.tiles(resize_image(plane, small), buf, transform, small):
             yield d
+        if not self.refined and self.zoom < 1.0:
+            # big objects were measured on a pass at the native size, where the network cuts
+            # them into pieces: measure again at this size and shrink further if they are bigger
+            self.refined = True
+            again = diameter_of_foreground(buf[0] < 0.5)
+            better = rescale_factor(again / self.zoom, self.model_d) if again else 1.0
+            if better < 0.85 * self.zoom:
+                self.diameter, self.zoom = again / self.zoom, better
+                yield from self.tiles(run, src, out, transform, spatial)
+                return
         out[...] = resize_image(buf, spatial)
 
 
