@@ -127,8 +127,15 @@ def round_wait(start, img, lab, threads):
     im, lb = img[crop], lab[crop]
     t0 = time.perf_counter()
     pred = seg.predict(im).labels
+    # the user corrects the 128x128 region where the prediction is most wrong
+    cells = [
+        (slice(y, y + REGION), slice(x, x + REGION))
+        for y in range(0, lb.shape[0] - REGION + 1, REGION)
+        for x in range(0, lb.shape[1] - REGION + 1, REGION)
+    ]
+    worst = max(cells, key=lambda sl: (lambda m: m.fp + m.fn)(match_instances(pred[sl], lb[sl])))
     mask = np.zeros(lb.shape, bool)
-    mask[:128, :128] = True
+    mask[worst] = True
     finetune(seg, im, np.where(mask, lb, pred), mask, 20, threads)
     seg.predict(im)
     return time.perf_counter() - t0, im.shape
@@ -175,7 +182,15 @@ def main() -> None:
         print(f"fine-tune {b} s: {last.step} steps, F1 {g:.3f} ({g - f1:+.3f}); {last.reason}")
     print("\nsimulated annotator:")
     rows = annotator(start, train, test, rounds, secs, args.threads, f1)
-    big = max(train, key=lambda p: min(p[1].shape))  # a 512x512 crop where there is one
+    # a 512x512 crop of the training image the starter gets most wrong
+    big = [p for p in train if min(p[1].shape) >= 512] or train
+
+    def errors(p):
+        crop = (slice(0, 512), slice(0, 512))
+        m = match_instances(start.predict(p[1][crop]).labels, p[2][crop])
+        return m.fp + m.fn
+
+    big = max(big, key=errors)
     wait, shape = round_wait(start, *big[1:], args.threads)
 
     print(f"\nload after: {load1():.2f}")
