@@ -28,7 +28,7 @@ import torch
 
 import napari_unet as nu
 from napari_unet.metrics import instance_f1
-from napari_unet.scale import diameter_of_labels, resize_image, resize_labels
+from napari_unet.scale import diameter_of_labels, resize_image, resize_labels, zoomed_shape
 from napari_unet.synthetic import make_realistic_nuclei, random_style
 
 SPREAD = 1.6  # object sizes from diameter / SPREAD to diameter * SPREAD
@@ -44,7 +44,7 @@ def load_real(folder: str, n: int) -> tuple[list[str], list[np.ndarray], list[np
 def at_size(img: np.ndarray, lab: np.ndarray, target: float) -> tuple[np.ndarray, np.ndarray]:
     """Resize an image and its labels so that the median object diameter is ``target`` px."""
     f = target / diameter_of_labels(lab)
-    shape = tuple(max(16, int(round(s * f))) for s in lab.shape)
+    shape = zoomed_shape(lab.shape, f, minimum=16)
     return resize_image(img.astype(np.float32), shape), resize_labels(lab, shape)
 
 

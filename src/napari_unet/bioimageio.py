@@ -378,31 +378,10 @@ def export_iter(
     authors: Sequence[str] | None = None,
     license: str = "CC-BY-4.0",
 ):
-    """Like :func:`export_package`, as a generator of ``(done, total, step)``; returns the path.
+    """Like :func:`export_package` (same parameters, without ``progress``), as a generator of
+    ``(done, total, step)``; returns the path of the package.
 
     Used by the napari widget (a thread worker that shows the steps as a progress bar).
-
-    Parameters
-    ----------
-    model
-        A :class:`Segmenter` or a path that :meth:`Segmenter.load` reads.
-    out
-        The ``.zip`` to write (atomically: a half-written package never appears).
-    test_image
-        An image for the test tensors and the cover (numpy; ``axes`` as in ``predict``). Without
-        one a synthetic nuclei image is used, which needs a 1-channel model.
-    overwrite
-        Replace an existing ``out`` (otherwise refused).
-    torchscript
-        Also add TorchScript weights (traced; a few seconds).
-    authors
-        Author names for the description (default: ``["napari-unet user"]``).
-    progress
-        Called as ``progress(done, total, what)`` after each step.
-
-    Returns
-    -------
-    Path of the package.
     """
     from .segmenter import Segmenter
 

@@ -29,7 +29,7 @@ import torch
 from scipy import ndimage
 
 from .postprocess import instances_from_probabilities
-from .scale import diameter_of_labels, rescale_factor, resize_image, resize_labels
+from .scale import diameter_of_labels, rescale_factor, resize_image, resize_labels, zoomed_shape
 from .targets import IGNORE
 
 __all__ = [
@@ -58,7 +58,7 @@ def fit_to_model_size(x: np.ndarray, y: np.ndarray, m: np.ndarray | None, model_
     f = rescale_factor(diameter_of_labels(y, m), model_d)
     if f == 1.0:
         return x, y, m
-    shape = tuple(max(8, int(round(s * f))) for s in y.shape)
+    shape = zoomed_shape(y.shape, f)
     x2 = resize_image(x, shape)
     y2 = resize_labels(y, shape)
     m2 = None if m is None else resize_labels(m, shape)

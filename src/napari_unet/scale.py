@@ -32,6 +32,7 @@ __all__ = [
     "rescale_factor",
     "resize_image",
     "resize_labels",
+    "zoomed_shape",
 ]
 
 #: The network is trained on objects from ``diameter / BAND`` to ``diameter * BAND`` and images
@@ -40,6 +41,7 @@ BAND = 1.45
 #: equivalent diameter / (2 * inscribed radius), measured on the shared DSB2018 masks (1.10-1.2)
 _SHAPE_FACTOR = 1.15
 _MIN_PIECE = 9  # pixels: smaller foreground pieces are noise for the estimate
+_MAX_PIXELS = 1024 * 1024  # larger masks are measured at half resolution
 
 
 def diameter_of_labels(labels: np.ndarray, mask: np.ndarray | None = None) -> float | None:
@@ -71,6 +73,9 @@ def diameter_of_foreground(foreground: np.ndarray) -> float | None:
     fg = np.asarray(foreground, bool)
     if fg.ndim != 2:
         raise ValueError(f"diameter_of_foreground takes a 2D mask, got shape {fg.shape}")
+    if fg.size > _MAX_PIXELS:  # on every prediction: measure big images at half resolution
+        d = diameter_of_foreground(fg[::2, ::2])
+        return None if d is None else 2.0 * d
     fg = ndimage.binary_opening(ndimage.binary_fill_holes(fg))
     lab, n = ndimage.label(fg)
     if n == 0:
@@ -105,8 +110,9 @@ def rescale_factor(diameter: float | None, model_diameter: float | None) -> floa
     return ratio if ratio < 1.0 else ratio / math.sqrt(BAND)
 
 
-def _new_shape(shape: Sequence[int], factor: float) -> tuple[int, int]:
-    return tuple(max(1, int(round(s * factor))) for s in shape[-2:])  # type: ignore[return-value]
+def zoomed_shape(shape: Sequence[int], factor: float, minimum: int = 8) -> tuple[int, ...]:
+    """The last two axes of ``shape`` times ``factor`` (rounded, at least ``minimum``)."""
+    return tuple(max(minimum, int(round(s * factor))) for s in shape[-2:])
 
 
 def resize_image(image: np.ndarray, shape: Sequence[int]) -> np.ndarray:

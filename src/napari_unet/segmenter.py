@@ -48,7 +48,7 @@ from .safeguard import (
     round_plan,
 )
 from .safeguard import TOLERANCE as GUARD_TOLERANCE
-from .scale import diameter_of_foreground, rescale_factor, resize_image
+from .scale import diameter_of_foreground, rescale_factor, resize_image, zoomed_shape
 from .targets import IGNORE, instance_targets, semantic_targets
 from .tiling import BlockCache, chunk_shape, plan_tiles, tiled_inference
 from .training import TrainProgress, TrainSample, thread_limit, train
@@ -1049,7 +1049,7 @@ class _Sizer:
             yield from run.tiles(src, out, transform, spatial)
             return
         plane = np.asarray(src[tuple(slice(None) for _ in range(3))], np.float32)
-        small = tuple(max(8, int(round(s * self.zoom))) for s in spatial)
+        small = zoomed_shape(spatial, self.zoom)
         buf = np.zeros((out.shape[0], *small), np.float32)
         for d in run.tiles(resize_image(plane, small), buf, transform, small):
             yield d
