@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from . import data, store
-from .config import ModelConfig, PredictOptions, TrainOptions, check_weights, source_name
-from .metrics import instance_f1
+from .config import ModelConfig, PredictOptions, check_weights, source_name
 from .model import UNet
 from .postprocess import (
     classes_from_probabilities,
@@ -36,22 +35,9 @@ from .postprocess import (
     link_to_previous,
 )
 from .postprocess3d import SliceLinker, instances_3d_from_stack
-from .safeguard import AGREEMENT as GUARD_AGREEMENT
-from .safeguard import (
-    FEW_OBJECTS,
-    Guard,
-    agreement,
-    fit_to_model_size,
-    own_predictions,
-    replay_samples,
-    round_lr,
-    round_plan,
-)
-from .safeguard import TOLERANCE as GUARD_TOLERANCE
 from .scale import diameter_of_foreground, rescale_factor, resize_image, zoomed_shape
-from .targets import IGNORE, instance_targets, semantic_targets
 from .tiling import BlockCache, chunk_shape, plan_tiles, tiled_inference
-from .training import TrainProgress, TrainSample, thread_limit, train
+from .training import TrainProgress, thread_limit
 
 __all__ = ["Segmenter", "Prediction", "resolve_device", "batch_for_memory"]
 
@@ -708,244 +694,10 @@ class Segmenter:
         TrainProgress
             step, epoch, loss, seconds, val_f1 ...; the last event has ``done=True``.
         """
-        TrainOptions.checked(
-            self.ndim,
-            inputs=(images, labels, masks),
-            axes=axes,
-            time_limit_s=time_limit_s,
-            steps=steps,
-            lr=lr,
-            batch_size=batch_size,
-            patch_shape=patch_shape,
-            val_fraction=val_fraction,
-            augment=augment,
-            seed=seed,
-            num_threads=num_threads,
-            channel=channel,
-        )
-        imgs, labs = _as_list(images), _as_list(labels)
-        msks = _as_list(masks) if masks is not None else [None] * len(imgs)
-        if not imgs:
-            raise ValueError("no training images given")
-        if len(imgs) != len(labs) or len(msks) != len(imgs):
-            raise ValueError(
-                f"got {len(imgs)} image(s), {len(labs)} label image(s) and {len(msks)} mask(s); "
-                "give one labels (and mask) per image"
-            )
-        names = list(names) if names is not None else [f"image {i}" for i in range(len(imgs))]
-        nd = self.ndim
-        div = self.net.divisor
-        samples: list[TrainSample] = []
-        n_objects = 0
-        auto_safe = safe is None
-        if safe is None:
-            safe = bool(self.config.get("history")) and nd == 2 and self.task == "instance"
-        guard = Guard() if safe else None
-        guard_rng = np.random.default_rng(seed)
-        for i, (img, lab, msk) in enumerate(zip(imgs, labs, msks, strict=True)):
-            canon, ax, lo, hi = self._prepare(np.asarray(img), axes, channel, name=f"image {i}")
-            lab = np.asarray(lab)
-            spatial = tuple(s for a, s in zip(ax, np.shape(img), strict=True) if a != "C")
-            if lab.shape != spatial:
-                raise ValueError(
-                    f"image {i} has spatial shape {spatial} (axes {ax!r}) but its labels have "
-                    f"shape {lab.shape}; they must match pixel for pixel"
-                )
-            keep = "".join(a for a in ax if a != "C")
-            lab_c = data.to_canonical(lab, keep, "TZYX")
-            msk_c = None
-            if msk is not None:
-                msk = np.asarray(msk)
-                if msk.shape != spatial:
-                    raise ValueError(
-                        f"mask {i} has shape {msk.shape} but image {i} has spatial shape {spatial}"
-                    )
-                msk_c = data.to_canonical(msk.astype(bool), keep, "TZYX")
-                if not msk_c.any():
-                    raise ValueError(f"mask {i} selects no pixel: nothing to learn from")
-            img_n = _normalizer(lo, hi, channel_axis=2, ndim=5)(canon)
-            T, Z = lab_c.shape[:2]
-            if Z > 1 and auto_safe:
-                # volumes are assembled in 3D: a per-slice guard misjudges them (measured: it
-                # kept the old model, 0.44 3D F1, where the round reached 0.72)
-                safe, guard = False, None
-            planes = (
-                [(t, z) for t in range(T) for z in range(Z)]
-                if nd == 2
-                else [(t, None) for t in range(T)]
-            )
-            for t, z in planes:
-                if nd == 2:
-                    x, y = img_n[t, z], lab_c[t, z]
-                    m = msk_c[t, z] if msk_c is not None else None
-                else:
-                    x, y = img_n[t].transpose(1, 0, 2, 3), lab_c[t]
-                    m = msk_c[t] if msk_c is not None else None
-                if m is not None and not m.any():
-                    continue
-                if nd == 2 and self.task == "instance":
-                    x, y, m = fit_to_model_size(x, y, m, self.config.get("diameter"))
-                yy = y if m is None else np.where(m, y, 0)
-                n_objects += len(np.unique(yy)) - (1 if (yy == 0).any() else 0)
-                if self.task == "instance":
-                    tgt = instance_targets(y, m)
-                else:
-                    tgt = semantic_targets(y, self.net.out_channels, m)
-                s = TrainSample(np.ascontiguousarray(x, np.float32), tgt, name=names[i])
-                if safe and m is not None:
-                    s.labels, s.trusted = y, m  # to count what the user changed
-                if val_fraction > 0 and self.task == "instance":
-                    _hold_out(s, y, m, val_fraction, div)
-                if guard is not None:
-                    guard.hold_out(s, y, m, guard_rng)
-                samples.append(s)
-        if n_objects == 0 and all(m is None for m in msks):
-            raise ValueError(
-                "the labels are empty: paint at least one object (or give a mask marking a "
-                "region that really has no objects) before training"
-            )
-        if not samples:
-            raise ValueError("no annotated pixel in the training data: nothing to learn from")
+        options = {k: v for k, v in locals().items() if k not in ("self", "images", "labels")}
+        from .finetune import finetune
 
-        max_sp = np.max([s.target.shape for s in samples], axis=0)
-        if patch_shape is None:
-            # measured (docs/benchmarks.md): 64x64 patches reach F1 0.9 from scratch 3x sooner
-            patch_shape = (64, 64) if nd == 2 else (16, 64, 64)
-        patch = tuple(
-            int(min(p, _round_up(int(m), div))) for p, m in zip(patch_shape, max_sp, strict=True)
-        )
-        if batch_size is None:
-            batch_size = 8 if nd == 2 else 2
-        lr_given, n_corr = lr, n_objects
-        if lr is None:
-            lr = round_lr(n_objects) if safe else 1e-3 if self.config.get("history") else 3e-3
-        if safe:
-            # measured: generated replay lowered F1 after small rounds (0.981 -> 0.970), the
-            # model's own predictions on the user's image do not; generated only without them
-            own = own_predictions(self, samples)
-            if own and all(getattr(s, "trusted", None) is not None for s in samples):
-                # partial corrections: what the user changed, not what the regions hold
-                n_corr = sum(r.changed for r in own)
-                if n_corr == 0:
-                    # the corrected regions say what the model already predicts: training on
-                    # them can only move it elsewhere (measured: -0.012 F1 on other images)
-                    yield TrainProgress(
-                        step=0, epoch=0.0, loss=float("nan"), seconds=0.0, lr=0.0,
-                        patches_per_s=0.0, done=True, total_steps=steps,
-                        time_limit_s=time_limit_s,
-                        reason="kept the previous model: nothing in the corrected regions "
-                        "differs from its prediction, so there is nothing to learn",
-                    )
-                    return
-                if lr_given is None:
-                    lr = round_lr(n_corr)
-            samples += own if own else replay_samples(self)
-            guard.items = getattr(self, "_guard_bank", []) + guard.items
-        else:
-            own = []
-        plan = round_plan(n_corr) if safe else {}
-        dev = resolve_device(device)
-        pp = self.config.get("postprocess", {})
-        before = guard.score(self.net, pp) if guard is not None else None
-        # a small round is also judged by how much it changes the uncorrected parts
-        judge = own if safe and n_corr < FEW_OBJECTS else []
-        keep_old = before is not None or bool(judge)
-        start_state = copy.deepcopy(self.net.state_dict()) if keep_old else None
-
-        started = _now()
-        last: TrainProgress | None = None
-        gen = train(
-            self.net,
-            samples,
-            patch_shape=patch,
-            batch_size=batch_size,
-            lr=lr,
-            time_limit_s=time_limit_s,
-            steps=steps,
-            augment=augment,
-            seed=seed,
-            device=dev,
-            num_threads=num_threads,
-            validate=self._validate if val_fraction > 0 else None,
-            anchor=plan.get("anchor", 0.0),
-            freeze_norm=plan.get("freeze_norm", False),
-            replay_share=plan.get("replay_share", 0.3),
-        )
-        try:
-            for last in gen:
-                if last.done and guard is not None:
-                    self._guard_bank = guard.items
-                    if start_state is not None:
-                        last.reason += self._keep_better(guard, before, start_state, pp, judge)
-                yield last
-        finally:
-            gen.close()
-            self.net.eval().to("cpu")
-            if last is not None:
-                self._record(last, started, names, n_objects, lr, patch)
-
-    def _keep_better(self, guard: Guard, before, start_state: dict, pp: dict, judge) -> str:
-        """After a safe round: the old weights back if the new ones score lower on the
-        held-out corrected objects, or if a small round changed much of the prediction where
-        nothing was corrected. Returns what to add to the round's ``reason``."""
-        said = ""
-        if before is not None:
-            after = guard.score(self.net, pp)
-            what = f"{len(guard)} corrected object(s) it did not train on"
-            if after is not None and after < before - GUARD_TOLERANCE:
-                self.net.load_state_dict(start_state)
-                return (
-                    f"; kept the previous model: on {what} the new one scored {after:.3f}, "
-                    f"the previous one {before:.3f}"
-                )
-            said = f"; on {what} it scores {after:.3f} (was {before:.3f})"
-        same = agreement(self.net, judge, pp) if judge else None
-        if same is not None and same < GUARD_AGREEMENT:
-            self.net.load_state_dict(start_state)
-            return (
-                f"; kept the previous model: a round of few corrected objects changed "
-                f"{1 - same:.0%} of the objects where nothing was corrected"
-            )
-        if same is not None:
-            said += f"; {same:.0%} of the objects where nothing was corrected unchanged"
-        return said
-
-    def _validate(self, net: UNet, sample: TrainSample) -> float:
-        net.eval()
-        with torch.inference_mode():
-            x = torch.from_numpy(sample.val_image[None]).to(next(net.parameters()).device)
-            prob = net(x).float().softmax(1)[0].cpu().numpy()
-        pp = self.config.get("postprocess", {})
-        pred = instances_from_probabilities(
-            prob,
-            seed_threshold=pp.get("seed_threshold", 0.5),
-            foreground_threshold=pp.get("foreground_threshold", 0.5),
-            min_size=pp.get("min_size"),
-        )
-        return instance_f1(pred, sample.val_labels, iou_threshold=0.5)
-
-    def _record(self, p: TrainProgress, started: str, names, n_objects, lr, patch) -> None:
-        entry = {
-            "started": started,
-            "finished": _now(),
-            "steps": p.step,
-            "seconds": round(p.seconds, 2),
-            "final_loss": None if p.loss is None or not math.isfinite(p.loss) else round(p.loss, 5),
-            "val_f1": p.val_f1,
-            "stopped": p.reason or "stopped by the user",
-            "trained_on": list(names),
-            "objects": int(n_objects),
-            "lr": lr,
-            "patch_shape": list(patch),
-        }
-        self.config.setdefault("history", []).append(entry)
-        seen = self.config.setdefault("trained_on", [])
-        for n in names:
-            if n not in seen:
-                seen.append(n)
-        # the scores describe this model, not the one it was fine-tuned from
-        self.config["val_score"] = p.val_f1
-        self.config.pop("model_card", None)
+        yield from finetune(self, images, labels, **options)
 
 
 def _signal(canon: Any, lo: np.ndarray, hi: np.ndarray, t: int, z: int | None = None):
@@ -987,20 +739,6 @@ def _normalizer(lo: np.ndarray, hi: np.ndarray, channel_axis: int, ndim: int):
         return np.clip(w, -1e6, 1e6, out=w).astype(np.float32)
 
     return transform
-
-
-def _hold_out(s: TrainSample, labels, mask, fraction: float, div: int) -> None:
-    """Move a band at the bottom (last Y rows) of a fully annotated sample to validation."""
-    ny = s.target.shape[-2]
-    band = _round_up(max(1, int(round(ny * fraction))), div)
-    if band < 2 * div or ny - band < 2 * div:
-        return
-    if mask is not None and not np.all(mask[..., ny - band :, :]):
-        return
-    s.val_image = np.ascontiguousarray(s.image[..., ny - band :, :])
-    s.val_labels = np.ascontiguousarray(labels[..., ny - band :, :])
-    s.target = s.target.copy()
-    s.target[..., ny - band :, :] = IGNORE
 
 
 def _plane_order(n: int) -> list[int]:
