@@ -15,7 +15,7 @@ _LAZY = {
     "UNet": ("napari_unet.model", "UNet"),
     "Segmenter": ("napari_unet.segmenter", "Segmenter"),
     "Prediction": ("napari_unet.segmenter", "Prediction"),
-    "make_nuclei": ("napari_unet.data", "make_nuclei"),
+    "make_nuclei": ("napari_unet.synthetic", "make_nuclei"),
 }
 _SUBMODULES = {
     "model",
@@ -28,6 +28,9 @@ _SUBMODULES = {
     "metrics",
     "uncertainty",
     "data",
+    "synthetic",
+    "normalize",
+    "axes",
     "cli",
 }
 
