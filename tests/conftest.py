@@ -5,6 +5,20 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _engine_cache(tmp_path_factory):
+    """Exported networks (napari_unet.engines) go to a temporary folder, not the home."""
+    import os
+
+    old = os.environ.get("NAPARI_UNET_CACHE")
+    os.environ["NAPARI_UNET_CACHE"] = str(tmp_path_factory.mktemp("engine-cache"))
+    yield
+    if old is None:
+        os.environ.pop("NAPARI_UNET_CACHE", None)
+    else:
+        os.environ["NAPARI_UNET_CACHE"] = old
+
+
 def capture_notifications(monkeypatch, *modules) -> dict[str, list[str]]:
     """Replace ``show_error/warning/info`` in ``modules`` by lists; returns the lists."""
     got: dict[str, list[str]] = {"error": [], "warning": [], "info": []}

@@ -183,8 +183,8 @@ def test_missing_zarr_chunks_give_no_objects_and_no_crash(nuclei_model):
 def _failing_over_batch(seg, limit=1):
     real = seg._predictor
 
-    def predictor(dev):
-        fn = real(dev)
+    def predictor(dev, *args):
+        fn = real(dev, *args)
 
         def predict_fn(batch):
             if batch.shape[0] > limit:
@@ -214,7 +214,7 @@ def test_simulated_cuda_oom_falls_back_to_cpu_and_frees_the_gpu(tiny, monkeypatc
     real = tiny._predictor
     used = []
 
-    def predictor(dev):
+    def predictor(dev, *args):
         used.append(dev.type)
         if dev.type == "cuda":
 
@@ -222,7 +222,7 @@ def test_simulated_cuda_oom_falls_back_to_cpu_and_frees_the_gpu(tiny, monkeypatc
                 raise RuntimeError("CUDA error: out of memory")
 
             return oom
-        return real(dev)
+        return real(dev, *args)
 
     freed = []
     monkeypatch.setattr(seg_mod, "resolve_device", lambda d: torch.device("cuda"))
@@ -281,7 +281,7 @@ def test_read_only_zarr_labels_out_is_refused_before_any_work(tiny, monkeypatch)
     zarr.create_array(store=store, shape=(64, 64), chunks=(32, 32), dtype="int32")
     ro = zarr.open_array(store, mode="r")
     calls = []
-    monkeypatch.setattr(tiny, "_predictor", lambda dev: calls.append(dev))
+    monkeypatch.setattr(tiny, "_predictor", lambda dev, *a: calls.append(dev))
     with pytest.raises(ValueError, match="read-only"):
         tiny.predict(np.zeros((64, 64), np.float32), device="cpu", labels_out=ro)
     with pytest.raises(ValueError, match="shape"):

@@ -197,24 +197,33 @@ class UNet(nn.Module):
         return F.pad(x, pad, mode=mode), tuple(spatial)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            # export (napari_unet.engines): inputs are multiples of the divisor, checked by
+            # the caller; Python checks on traced shapes would only warn
+            return self._layers(x)
         if x.shape[1] != self.in_channels:
             raise ValueError(
                 f"the network expects {self.in_channels} input channel(s), got {x.shape[1]} "
                 f"(input shape {tuple(x.shape)})"
             )
         x, spatial = self._pad(x)
+        y = self._layers(x)
+        if tuple(y.shape[2:]) != spatial:
+            extra = [p - s for p, s in zip(y.shape[2:], spatial, strict=True)]
+            crop = tuple(slice(e // 2, e // 2 + s) for e, s in zip(extra, spatial, strict=True))
+            y = y[(slice(None), slice(None)) + crop]
+        return y
+
+
+    def _layers(self, x: torch.Tensor) -> torch.Tensor:
+        """The network proper, on an input whose sizes are multiples of :attr:`divisor`."""
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
         y = skips.pop()
         for up in self.ups:
             y = up(y, skips.pop())
-        y = self.outc(y)
-        if tuple(y.shape[2:]) != spatial:
-            extra = [p - s for p, s in zip(y.shape[2:], spatial, strict=True)]
-            crop = tuple(slice(e // 2, e // 2 + s) for e, s in zip(extra, spatial, strict=True))
-            y = y[(slice(None), slice(None)) + crop]
-        return y
+        return self.outc(y)
 
 
 def count_parameters(net: nn.Module, trainable_only: bool = True) -> int:

@@ -40,6 +40,9 @@ __all__ = [
 BAND = 1.45
 #: equivalent diameter / (2 * inscribed radius), measured on the shared DSB2018 masks (1.10-1.2)
 _SHAPE_FACTOR = 1.15
+#: Bounds of the zoom: objects 10x the trained size are shrunk 10x, no more; tiny ones are
+#: enlarged at most 4x (16x the pixels through the network).
+MIN_ZOOM, MAX_ZOOM = 0.1, 4.0
 _MIN_PIECE = 9  # pixels: smaller foreground pieces are noise for the estimate
 _MAX_PIXELS = 1024 * 1024  # larger masks are measured at half resolution
 
@@ -91,6 +94,10 @@ def diameter_of_foreground(foreground: np.ndarray) -> float | None:
     order = np.argsort(r)
     cum = np.cumsum(w[order])
     median_r = r[order][np.searchsorted(cum, cum[-1] / 2.0)]
+    if 2.0 * median_r > min(fg.shape) / 2.0:
+        # "objects" half as wide as the image: noise, a flat field or one blob, not nuclei
+        # whose size could be told; resizing by it would shrink the image to nothing
+        return None
     return float(2.0 * median_r * _SHAPE_FACTOR)
 
 
@@ -107,7 +114,8 @@ def rescale_factor(diameter: float | None, model_diameter: float | None) -> floa
     if 1.0 / BAND <= ratio <= BAND:
         return 1.0
     # shrink big objects all the way to the trained size (cheap); grow small ones to the band
-    return ratio if ratio < 1.0 else ratio / math.sqrt(BAND)
+    zoom = ratio if ratio < 1.0 else ratio / math.sqrt(BAND)
+    return min(max(zoom, MIN_ZOOM), MAX_ZOOM)
 
 
 def zoomed_shape(shape: Sequence[int], factor: float, minimum: int = 8) -> tuple[int, ...]:

@@ -1,0 +1,371 @@
+"""Inference engines: who runs the network's forward pass during prediction.
+
+``Segmenter.predict(engine=...)`` takes one of :data:`ENGINES`:
+
+* ``"torch"``: torch eager, on any device. On the CPU and on CUDA the network is first copied
+  with each BatchNorm folded into the convolution before it (an exact identity in eval mode:
+  one pass over each feature map fewer), in channels-last memory format.
+* ``"openvino"`` / ``"onnxruntime"``: the network (with its softmax) is exported to ONNX once
+  per set of weights and run by that engine on the CPU. Both are several times faster than
+  torch eager on a CPU (Winograd convolutions, fused kernels; see ``docs/benchmarks.md``). Their
+  probabilities equal torch's within 1e-4.
+* ``"auto"`` (default): on the CPU the fastest installed engine (OpenVINO, then ONNX Runtime,
+  both in the ``[all]`` extra), else torch; torch on CUDA and MPS.
+
+Exports are cached by a digest of the weights (and the architecture), in memory and on disk
+(``$NAPARI_UNET_CACHE`` or ``~/.cache/napari-unet/engines``), so fine-tuning, which changes the
+weights, invalidates them by itself. With ``auto``, a small image whose weights have no export
+yet is predicted with torch while the export is made in a background thread (an export takes
+about as long as one 512x512 tile): a preview after a training round never waits for it.
+When an export or an engine fails, the prediction falls back to torch and says so in
+``Prediction.notes``. Training always uses torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "ENGINES",
+    "available_engines",
+    "cache_dir",
+    "check_engine",
+    "export_in_background",
+    "fused_copy",
+    "is_exported",
+    "predictor",
+    "weights_digest",
+]
+
+logger = logging.getLogger("napari_unet")
+
+ENGINES = ("auto", "torch", "openvino", "onnxruntime")
+_CPU_ENGINES = ("openvino", "onnxruntime")  # order of preference for "auto" (measured)
+_MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+#: With "auto", images of at least this many pixels wait for a missing export (it pays for
+#: itself within the image); smaller ones run on torch while it is made in the background.
+EXPORT_NOW_PIXELS = 1024 * 1024
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+
+def check_engine(engine: str) -> str:
+    """``engine`` if it is one of :data:`ENGINES`, else a ValueError naming the choices."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(map(repr, ENGINES))}, not {engine!r}")
+    return engine
+
+
+def available_engines() -> list[str]:
+    """The CPU engines installed here, in the order ``auto`` prefers them."""
+    return [e for e in _CPU_ENGINES if importlib.util.find_spec(_MODULES[e]) is not None]
+
+
+def cache_dir() -> Path:
+    """Where exported networks are kept between sessions."""
+    env = os.environ.get("NAPARI_UNET_CACHE")
+    base = Path(env) if env else Path.home() / ".cache" / "napari-unet"
+    return base / "engines"
+
+
+def weights_digest(net: nn.Module) -> str:
+    """A digest of the network's architecture and of every parameter and buffer."""
+    h = hashlib.sha256(repr(getattr(net, "config", lambda: type(net).__name__)()).encode())
+    for name, t in net.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------ torch
+def _fold(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    """A copy of ``conv`` with the eval-mode BatchNorm ``bn`` that follows it folded in."""
+    fused = copy.deepcopy(conv)
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+    fused.weight = nn.Parameter(conv.weight.detach() * scale.reshape(shape))
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias.detach())
+    return fused
+
+
+def fused_copy(net: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``net`` for inference, every (conv, BatchNorm) pair folded into one
+    convolution. ``net`` itself is untouched (it may be training in another thread)."""
+    out = copy.deepcopy(net).eval()
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    for seq in out.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:], strict=False):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, convs) and isinstance(bn, norms) and bn.track_running_stats:
+                seq._modules[a] = _fold(conv, bn)
+                seq._modules[b] = nn.Identity()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out
+
+
+def _torch_predictor(net: nn.Module, device: torch.device, ndim: int) -> PredictFn:
+    cuda = device.type == "cuda"
+    fmt = torch.channels_last if ndim == 2 else torch.channels_last_3d
+    if device.type in ("cpu", "cuda"):
+        net = fused_copy(net).to(device=device, memory_format=fmt)
+    else:  # MPS and others: the network as it is
+        net = net.eval().to(device)
+        fmt = torch.contiguous_format
+    if cuda:
+        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        amp = torch.autocast("cuda", dtype=dt)
+    else:
+        amp = nullcontext()  # never bf16 on CPU: no native support, ~100x slower
+
+    def predict_fn(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch)
+        if cuda:
+            x = x.pin_memory().to(device, non_blocking=True)
+        else:
+            x = x.to(device)
+        with torch.inference_mode(), amp:
+            prob = net(x.contiguous(memory_format=fmt)).float().softmax(1)
+        return prob.cpu().numpy()
+
+    return predict_fn
+
+
+# ------------------------------------------------------------------------------ export
+class _WithSoftmax(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).softmax(1)
+
+
+def _export_bytes(net: nn.Module) -> bytes:
+    """ONNX of ``net`` + softmax, dynamic batch and spatial sizes (multiples of the divisor)."""
+    ndim = int(getattr(net, "ndim", 2))
+    div = int(getattr(net, "divisor", 16))
+    model = _WithSoftmax(fused_copy(net).cpu())
+    x = torch.zeros((1, int(net.in_channels)) + (max(64, 4 * div),) * ndim)
+    axes = {0: "batch", **{2 + i: f"s{i}" for i in range(ndim)}}
+    buf = io.BytesIO()
+    with torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(
+            model,
+            (x,),
+            buf,
+            dynamo=False,
+            input_names=["image"],
+            output_names=["probabilities"],
+            dynamic_axes={"image": axes, "probabilities": axes},
+            opset_version=17,
+        )
+    return buf.getvalue()
+
+
+# the TorchScript-based exporter is deprecated in favour of torch.export, which needs the
+# onnxscript package; it is the one that works here with torch alone (warnings.catch_warnings
+# is not used: it is not thread-safe, and exports run in a background thread)
+for _msg in (r"You are using the legacy TorchScript", r"The feature will be removed"):
+    warnings.filterwarnings("ignore", message=_msg, category=DeprecationWarning)
+
+_lock = threading.Lock()
+_onnx: OrderedDict[str, Path] = OrderedDict()  # digest -> exported file
+_sessions: OrderedDict[tuple, PredictFn] = OrderedDict()  # (engine, digest, threads) -> fn
+_pending: dict[str, threading.Thread] = {}  # digest -> background export
+_failed: dict[str, str] = {}  # digest -> why the export failed (not retried)
+_KEEP = 2
+
+
+def _remember(cache: OrderedDict, key, value) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _KEEP:
+        cache.popitem(last=False)
+
+
+def _onnx_path(net: nn.Module, digest: str) -> Path:
+    """The exported file for these weights: from memory, from disk, or exported now."""
+    with _lock:
+        if digest in _onnx and _onnx[digest].is_file():
+            return _onnx[digest]
+        if digest in _failed:
+            raise RuntimeError(_failed[digest])
+    path = cache_dir() / f"{digest}.onnx"
+    if not path.is_file():
+        try:
+            data = _export_bytes(net)
+        except Exception as e:  # noqa: BLE001 - reported, and torch takes over
+            with _lock:
+                _failed[digest] = f"export to ONNX failed: {type(e).__name__}: {e}"
+            raise RuntimeError(_failed[digest]) from e
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # a concurrent reader sees the whole file or none
+    with _lock:
+        _remember(_onnx, digest, path)
+    return path
+
+
+def is_exported(digest: str) -> bool:
+    """Whether the export for these weights is ready (in memory or on disk)."""
+    return digest in _onnx or (cache_dir() / f"{digest}.onnx").is_file()
+
+
+def export_in_background(net: nn.Module, digest: str) -> threading.Thread:
+    """Start (or return the running) export of ``net``'s weights in a daemon thread."""
+    with _lock:
+        th = _pending.get(digest)
+        if th is not None and th.is_alive():
+            return th
+        snapshot = copy.deepcopy(net).cpu()  # the caller may go on training ``net``
+
+        def work():
+            try:
+                _onnx_path(snapshot, digest)
+            except Exception as e:  # noqa: BLE001 - noted; predictions use torch
+                logger.info("napari-unet: background export failed (%s)", e)
+            finally:
+                with _lock:
+                    _pending.pop(digest, None)
+
+        th = threading.Thread(target=work, name="napari-unet-export", daemon=True)
+        _pending[digest] = th
+        th.start()
+        return th
+
+
+def _openvino_fn(path: Path, threads: int) -> PredictFn:
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+    model = core.read_model(str(path))
+    compiled: dict[tuple, object] = {}  # static shapes compile to faster code than dynamic
+
+    def predict_fn(batch: np.ndarray) -> np.ndarray:
+        key = batch.shape
+        cm = compiled.get(key)
+        if cm is None:
+            m = model.clone()
+            m.reshape({m.inputs[0]: list(key)})
+            cm = compiled[key] = core.compile_model(m, "CPU", config)
+            if len(compiled) > 4:
+                compiled.pop(next(iter(compiled)))
+        out = cm(np.ascontiguousarray(batch, np.float32))
+        return np.asarray(out[cm.outputs[0]], np.float32)
+
+    return predict_fn
+
+
+def _onnxruntime_fn(path: Path, threads: int) -> PredictFn:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle = no CPU
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    def predict_fn(batch: np.ndarray) -> np.ndarray:
+        return sess.run(None, {"image": np.ascontiguousarray(batch, np.float32)})[0]
+
+    return predict_fn
+
+
+_MAKERS = {"openvino": _openvino_fn, "onnxruntime": _onnxruntime_fn}
+
+
+def _engine_fn(engine: str, net: nn.Module, digest: str) -> PredictFn:
+    threads = max(1, torch.get_num_threads())
+    key = (engine, digest, threads)
+    with _lock:
+        fn = _sessions.get(key)
+    if fn is None:
+        fn = _MAKERS[engine](_onnx_path(net, digest), threads)
+        with _lock:
+            _remember(_sessions, key, fn)
+    return fn
+
+
+def predictor(
+    net: nn.Module,
+    device: torch.device,
+    engine: str = "auto",
+    *,
+    pixels: int | None = None,
+    notes: list[str] | None = None,
+) -> tuple[PredictFn, str]:
+    """A function ``(B, C, *tile) float32 -> (B, K, *tile)`` probabilities, and the engine that
+    runs it. ``pixels`` (of the whole prediction) lets ``auto`` decide whether a missing export
+    is worth waiting for; fallbacks are appended to ``notes``."""
+    check_engine(engine)
+    ndim = int(getattr(net, "ndim", 2))
+    wanted = engine
+    if engine == "auto":
+        installed = available_engines() if device.type == "cpu" else []
+        wanted = installed[0] if installed else "torch"
+    elif engine != "torch" and device.type != "cpu":
+        if notes is not None:
+            notes.append(f"engine {engine!r} runs on the CPU only: used torch on {device}")
+        wanted = "torch"
+    if wanted == "torch":
+        return _torch_predictor(net, device, ndim), "torch"
+    if importlib.util.find_spec(_MODULES[wanted]) is None:
+        if notes is not None:
+            notes.append(
+                f"engine {wanted!r} is not installed (pip install {_MODULES[wanted]}): "
+                "used torch"
+            )
+        return _torch_predictor(net, device, ndim), "torch"
+    digest = weights_digest(net)
+    if engine == "auto" and not is_exported(digest) and (pixels or 0) < EXPORT_NOW_PIXELS:
+        if digest not in _failed:
+            export_in_background(net, digest)
+        return _torch_predictor(net, device, ndim), "torch"
+    def fall_back(e: BaseException) -> PredictFn:
+        msg = f"the {wanted} engine failed ({e}): predicted with torch"
+        logger.warning("napari-unet: %s", msg)
+        if notes is not None:
+            notes.append(msg)
+        return _torch_predictor(net, device, ndim)
+
+    try:
+        fn = _engine_fn(wanted, net, digest)
+    except Exception as e:  # noqa: BLE001 - any engine failure: torch takes over, and says so
+        return fall_back(e), "torch"
+    state: dict[str, PredictFn] = {}
+
+    def guarded(batch: np.ndarray) -> np.ndarray:
+        if "torch" in state:
+            return state["torch"](batch)
+        try:
+            return fn(batch)
+        except Exception as e:  # noqa: BLE001 - e.g. a shape the engine cannot compile
+            state["torch"] = fall_back(e)
+            return state["torch"](batch)
+
+    return guarded, wanted

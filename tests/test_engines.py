@@ -1,0 +1,161 @@
+"""Inference engines: torch (BatchNorm folded), OpenVINO and ONNX Runtime give the same
+probabilities; a missing or failing engine falls back to torch and says so; fine-tuning
+invalidates the exported network; balanced tiles cover an image with fewer pixels."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from napari_unet import engines
+from napari_unet.data import make_nuclei
+from napari_unet.model import UNet
+from napari_unet.segmenter import Segmenter, _Run
+
+CPU_ENGINES = [
+    pytest.param(e, marks=pytest.mark.skipif(
+        importlib.util.find_spec(e) is None, reason=f"{e} not installed"))
+    for e in ("openvino", "onnxruntime")
+]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny instance model after a few steps, so its BatchNorm statistics are not trivial."""
+    torch.manual_seed(0)
+    seg = Segmenter.new(base_channels=8, depth=2)
+    img, lab = make_nuclei((96, 96), seed=1)
+    list(seg.finetune([img], [lab], steps=6, patch_shape=(64, 64), batch_size=2,
+                      device="cpu", safe=False, time_limit_s=None))
+    return seg, make_nuclei((128, 160), seed=2)[0]
+
+
+def test_folding_batchnorm_changes_no_output():
+    net = UNet(1, 3, base_channels=8, depth=2).eval()
+    for m in net.modules():  # non-trivial statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.rand(2, 1, 64, 48)
+    fused = engines.fused_copy(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # original kept
+    with torch.inference_mode():
+        assert torch.allclose(fused(x), net(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_cpu_engine_equals_torch_within_1e4(trained, engine):
+    seg, img = trained
+    ref = seg.predict(img, device="cpu", engine="torch")
+    got = seg.predict(img, device="cpu", engine=engine)
+    assert got.engine == engine and ref.engine == "torch"
+    assert got.notes == []
+    assert np.abs(got.probabilities - ref.probabilities).max() < 1e-4
+    assert np.array_equal(got.labels, ref.labels)
+
+
+def test_a_missing_engine_falls_back_to_torch_and_says_so(trained, monkeypatch):
+    seg, img = trained
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a)
+    )
+    ref = seg.predict(img, device="cpu", engine="torch")
+    got = seg.predict(img, device="cpu", engine="onnxruntime")
+    assert got.engine == "torch"
+    assert any("not installed" in n and "onnxruntime" in n for n in got.notes)
+    assert np.array_equal(got.labels, ref.labels)
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_a_failing_export_falls_back_to_torch_and_says_so(trained, engine, monkeypatch,
+                                                           tmp_path):
+    seg, img = trained
+    monkeypatch.setenv("NAPARI_UNET_CACHE", str(tmp_path))  # nothing exported yet
+    monkeypatch.setattr(engines, "_onnx", type(engines._onnx)())
+    monkeypatch.setattr(engines, "_sessions", type(engines._sessions)())
+    monkeypatch.setattr(engines, "_failed", {})
+
+    def broken(net):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(engines, "_export_bytes", broken)
+    got = seg.predict(img, device="cpu", engine=engine)
+    ref = seg.predict(img, device="cpu", engine="torch")
+    assert got.engine == "torch"
+    assert any("unsupported operator" in n and "torch" in n for n in got.notes)
+    assert np.array_equal(got.labels, ref.labels)
+
+
+def test_an_engine_failing_mid_prediction_hands_over_to_torch(trained, monkeypatch):
+    seg, img = trained
+    if not engines.available_engines():
+        pytest.skip("no CPU engine installed")
+
+    def maker(path, threads):
+        def fn(batch):
+            raise RuntimeError("cannot compile this shape")
+        return fn
+
+    monkeypatch.setattr(engines, "_sessions", type(engines._sessions)())
+    monkeypatch.setitem(engines._MAKERS, engines.available_engines()[0], maker)
+    ref = seg.predict(img, device="cpu", engine="torch")
+    got = seg.predict(img, device="cpu", engine=engines.available_engines()[0])
+    assert any("cannot compile" in n for n in got.notes)
+    assert np.array_equal(got.labels, ref.labels)
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_finetuning_invalidates_the_exported_network(trained, engine):
+    seg, img = trained
+    seg = seg.copy()
+    before = seg.predict(img, device="cpu", engine=engine)
+    d0 = engines.weights_digest(seg.net)
+    a, b = make_nuclei((96, 96), seed=5)
+    list(seg.finetune([a], [b], steps=4, patch_shape=(64, 64), batch_size=2, device="cpu",
+                      safe=False, lr=1e-2, time_limit_s=None))
+    assert engines.weights_digest(seg.net) != d0
+    after = seg.predict(img, device="cpu", engine=engine)
+    now = seg.predict(img, device="cpu", engine="torch")
+    assert after.engine == engine
+    assert np.abs(after.probabilities - now.probabilities).max() < 1e-4
+    assert np.abs(after.probabilities - before.probabilities).max() > 1e-3  # not the old net
+
+
+def test_auto_exports_in_the_background_for_small_images(monkeypatch, tmp_path):
+    if not engines.available_engines():
+        pytest.skip("no CPU engine installed")
+    monkeypatch.setenv("NAPARI_UNET_CACHE", str(tmp_path))
+    seg = Segmenter.new(base_channels=8, depth=2, seed=7)  # weights no other test exported
+    img = make_nuclei((64, 64), seed=0)[0]
+    first = seg.predict(img, device="cpu")  # no export yet: torch, export started
+    assert first.engine == "torch"
+    digest = engines.weights_digest(seg.net)
+    engines.export_in_background(seg.net, digest).join(60)
+    assert engines.is_exported(digest)
+    second = seg.predict(img, device="cpu")
+    assert second.engine == engines.available_engines()[0]
+    assert np.abs(second.probabilities - first.probabilities).max() < 1e-4
+
+
+def test_an_unknown_engine_is_refused_by_name():
+    seg = Segmenter.new(base_channels=8, depth=2)
+    with pytest.raises(ValueError, match="engine must be one of.*'torch'"):
+        seg.predict(np.zeros((32, 32), np.float32), engine="tensorrt")
+
+
+def test_balanced_tiles_put_fewer_pixels_through_the_network():
+    seg = Segmenter.new(base_channels=8, depth=3)
+    run = _Run(seg, torch.device("cpu"), 1, [512, 512], 32, [])
+    run.balance = True
+    assert run.tile_for((2048, 2048)) == [536, 536]  # 4 tiles a side instead of 5
+    assert run.tile_for((1024, 700)) == [528, 368]
+    assert run.tile_for((300, 512)) == [512, 512]  # fits in one tile: unchanged
+    run.balance = False
+    assert run.tile_for((2048, 2048)) == [512, 512]
