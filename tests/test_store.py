@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from napari_unet import store
+from napari_unet import fileio, registry, save, store
+from napari_unet import format as model_format
 from napari_unet.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -328,8 +329,9 @@ def test_folder_with_only_checkpoint(tmp_path):
         load_model(folder)
 
 
-def test_module_never_unpickles():
-    src = Path(store.__file__).read_text()
+@pytest.mark.parametrize("module", [store, fileio, model_format, registry, save])
+def test_module_never_unpickles(module):
+    src = Path(module.__file__).read_text()
     assert "torch.load(" not in src.replace("torch.load(..., weights_only=True)", "")
     assert "import pickle" not in src and "allow_pickle" not in src
 

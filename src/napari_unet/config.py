@@ -3,7 +3,7 @@
 A model's ``config.json`` (or the config in a single-file model's metadata) is read into a
 :class:`ModelConfig` before anything else happens: before a tensor is allocated and before the
 weights' shapes are matched against the architecture. Every field is type- and bound-checked,
-unknown keys (typos) are refused, and every failure is a :class:`~napari_unet.store.ModelFileError`
+unknown keys (typos) are refused, and every failure is a :class:`~napari_unet.format.ModelFileError`
 that names the file and the field (``.../config.json: field 'postprocess.seed_threshold': must
 be a number, not 'high'``).
 
@@ -38,18 +38,14 @@ refusing to open a model over a log line.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import json
-import math
-import operator
-import types
-import typing
-from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
+
+from .schema import ConfigError, Section, join, opt
 
 __all__ = [
     "Architecture",
@@ -70,193 +66,15 @@ CURRENT_FORMAT_VERSION = 1
 FORMAT = "napari-unet"
 #: Largest hold-out fraction for validation, shared by ``finetune`` and ``--val`` in the CLI.
 MAX_VAL_FRACTION = 0.5
-#: Largest nesting of the free dicts (``model_card``); deeper JSON is refused.
-MAX_NESTING = 32
 #: ``format_version`` -> function lifting a config dict of that version to the next one.
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
-
-
-class ConfigError(ValueError):
-    """A field of a config or an option with a bad value; ``field`` is its dotted name."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"field '{field_name}': {message}")
-        self.field = field_name
-        self.reason = message
-
-
-def opt(
-    default: Any = MISSING,
-    *,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-    hi_open: bool = False,
-    choices: Sequence[Any] | None = None,
-) -> Any:
-    """A dataclass field with its default and bounds (see the module docstring)."""
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-# --------------------------------------------------------------------------- conversion
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "true/false", int: "a number", float: "a number", str: "text"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
-
-
-def _depth_ok(value: Any, limit: int) -> bool:
-    """Whether ``value`` (JSON-like) nests at most ``limit`` deep (iterative, no recursion)."""
-    stack = [(value, 0)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, (dict, list, tuple)):
-            if d >= limit:
-                return False
-            items = v.values() if isinstance(v, dict) else v
-            stack.extend((x, d + 1) for x in items)
-    return True
-
-
-def _bounds(value: float, meta: dict, name: str) -> None:
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
-        raise ConfigError(name, f"must be {'>' if meta.get('lo_open') else '>='} {lo}, not {value}")
-    if hi is not None and (value >= hi if meta.get("hi_open") else value > hi):
-        raise ConfigError(name, f"must be {'<' if meta.get('hi_open') else '<='} {hi}, not {value}")
-
-
-def _convert(value: Any, tp: Any, meta: dict, name: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and the bounds in ``meta``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if value is None and len(inner) < len(args):
-            return None
-        return _convert(value, functools.reduce(operator.or_, inner), meta, name)
-    if value is None:
-        raise ConfigError(name, "is required (got null)")
-    if dataclasses.is_dataclass(tp):
-        return tp._from(value, name)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(name, f"must be true or false, not {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(name, f"must be a whole number, not {_kind(value)} ({value!r})")
-        _bounds(value, meta, name)
-    elif tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(name, f"must be a number, not {_kind(value)} ({value!r})")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(name, f"must be a finite number, not {value}")
-        _bounds(value, meta, name)
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(name, f"must be text, not {_kind(value)} ({value!r})")
-    elif origin in (list, tuple):
-        if isinstance(value, (str, bytes, dict)) or not isinstance(value, Sequence):
-            raise ConfigError(name, f"must be a list, not {_kind(value)} ({value!r})")
-        item_tp = args[0] if args else Any
-        out = [_convert(v, item_tp, meta, f"{name}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    elif tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(name, f"must be a JSON object, not {_kind(value)}")
-        if not _depth_ok(value, MAX_NESTING):
-            raise ConfigError(name, f"is nested more than {MAX_NESTING} levels deep")
-        return copy.deepcopy(value)
-    else:  # pragma: no cover - a field annotated with a type this module does not handle
-        raise TypeError(f"config field {name} has an unsupported annotation {tp!r}")
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        shown = " | ".join(repr(c) for c in choices)
-        raise ConfigError(name, f"must be one of {shown}, not {value!r}")
-    return value
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return value.to_dict()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return copy.deepcopy(value)
-    return value
-
-
-class _Section:
-    """Shared ``from_dict`` / ``to_dict`` of the config dataclasses."""
-
-    #: Keep keys this version does not know (history entries) instead of refusing them.
-    _lenient: ClassVar[bool] = False
-
-    @classmethod
-    def _from(cls, raw: Any, prefix: str = ""):
-        where = prefix or "config"
-        if not isinstance(raw, dict):
-            raise ConfigError(where, f"must be a JSON object, not {_kind(raw)} ({raw!r:.60})")
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
-        unknown = [k for k in raw if k not in fields]
-        if unknown and not cls._lenient:
-            known = ", ".join(fields)
-            key = unknown[0]
-            raise ConfigError(
-                f"{prefix}.{key}" if prefix else str(key),
-                f"is not a known field (a typo?); known fields here: {known}",
-            )
-        values = {}
-        for name, f in fields.items():
-            full = f"{prefix}.{name}" if prefix else name
-            if name not in raw:
-                if f.default is MISSING and f.default_factory is MISSING:
-                    raise ConfigError(full, "is missing")
-                continue
-            values[name] = _convert(raw[name], hints[name], dict(f.metadata), full)
-        obj = cls(**values)
-        if cls._lenient:
-            obj.extra = {k: copy.deepcopy(raw[k]) for k in unknown}
-        obj._check(prefix)
-        return obj
-
-    def _check(self, prefix: str) -> None:
-        """Cross-field rules (overridden where there are some)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field (defaults filled in), in declaration order."""
-        out = {
-            f.name: _plain(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if f.name != "extra"
-        }
-        out.update(copy.deepcopy(getattr(self, "extra", None) or {}))
-        return out
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 # --------------------------------------------------------------------------- model config
 
 
 @dataclass(kw_only=True)
-class Architecture(_Section):
+class Architecture(Section):
     """The U-Net's constructor arguments (:class:`napari_unet.model.UNet`)."""
 
     in_channels: int = opt(lo=1, hi=4096)
@@ -274,7 +92,7 @@ class Architecture(_Section):
 
 
 @dataclass(kw_only=True)
-class Normalization(_Section):
+class Normalization(Section):
     """Per-channel percentile normalisation of the input."""
 
     method: str = opt("percentile", choices=("percentile",))
@@ -284,12 +102,12 @@ class Normalization(_Section):
     def _check(self, prefix: str) -> None:
         if self.low >= self.high:
             raise ConfigError(
-                _join(prefix, "low"), f"must be below 'high' ({self.high}), not {self.low}"
+                join(prefix, "low"), f"must be below 'high' ({self.high}), not {self.low}"
             )
 
 
 @dataclass(kw_only=True)
-class Postprocess(_Section):
+class Postprocess(Section):
     """Probabilities -> labels."""
 
     seed_threshold: float = opt(0.5, lo=0.0, hi=1.0)
@@ -300,7 +118,7 @@ class Postprocess(_Section):
 
 
 @dataclass(kw_only=True)
-class HistoryEntry(_Section):
+class HistoryEntry(Section):
     """One fine-tuning run (keys this version does not know are kept as they are)."""
 
     _lenient: ClassVar[bool] = True
@@ -325,7 +143,7 @@ def default_tiles(ndim: int) -> tuple[list[int], int]:
 
 
 @dataclass(kw_only=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """A napari-unet model's config (``config.json``), checked field by field."""
 
     format: str = opt(FORMAT, choices=(FORMAT,))
@@ -392,7 +210,7 @@ class ModelConfig(_Section):
                 raw = _migrate(raw)
             return cls._from(raw)
         except ConfigError as e:
-            from .store import ModelFileError
+            from .format import ModelFileError
 
             where = f"{source}" if source is not None else "model config"
             raise ModelFileError(
@@ -403,7 +221,7 @@ class ModelConfig(_Section):
     @classmethod
     def from_json(cls, text: str, source: Any = None) -> ModelConfig:
         """Parse JSON text (deep nesting is a ``ModelFileError``, not a ``RecursionError``)."""
-        from .store import ModelFileError
+        from .format import ModelFileError
 
         try:
             raw = json.loads(text)
@@ -455,7 +273,7 @@ def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
 
 def check_weights(arch: Architecture, state: dict[str, Any], source: Any) -> None:
     """Refuse weights whose names or shapes differ from the architecture (before building it)."""
-    from .store import ModelFileError
+    from .format import ModelFileError
 
     want = expected_shapes(arch)
     have = {k: tuple(v.shape) for k, v in state.items()}
@@ -480,7 +298,7 @@ def check_weights(arch: Architecture, state: dict[str, Any], source: Any) -> Non
 # --------------------------------------------------------------------------- options
 
 
-class _Options(_Section):
+class _Options(Section):
     """Public-function parameters checked with the config machinery; errors name them."""
 
     _function: ClassVar[str] = ""

@@ -1,4 +1,9 @@
-"""Atomic replacement of whole folders, recovery after a crash, and sweeping stale temp files.
+"""Durable files: fsynced writes, atomic replacement of whole folders, recovery after a crash,
+and sweeping stale temp files.
+
+:func:`write_text_durable` and :func:`fsync_file` flush a file to stable storage;
+:func:`temp_file` and :func:`temp_folder` make the hidden temporaries a save writes into before
+it renames them into place, with ordinary (shareable) permissions.
 
 A model folder holds two files (``config.json``, ``weights.safetensors``) that must change
 together. Replacing them one after the other leaves a window in which the folder holds the new
@@ -24,6 +29,7 @@ import contextlib
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -32,10 +38,15 @@ from pathlib import Path
 __all__ = [
     "check_regular_file",
     "fsync_dir",
+    "fsync_file",
     "recover",
     "replace_folder",
     "sweep",
     "sweep_older",
+    "temp_file",
+    "temp_folder",
+    "unlink_quietly",
+    "write_text_durable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,6 +89,54 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file that was written by another library to stable storage."""
+    with open(path, "r+b") as fh:
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_text_durable(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (UTF-8, ``\\n`` line ends), then flush and fsync."""
+    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def umask() -> int:
+    """The process's current umask (read without changing it for long)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_file(folder: Path, prefix: str) -> Path:
+    """Create an empty temporary file ``<prefix>XXXXXXXX.tmp`` in ``folder``; return its path.
+
+    The file gets the ordinary permissions of a new file (0666 minus the umask), not
+    mkstemp's private 0600, so a saved model can be shared like any other file.
+    """
+    fd, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
+    os.close(fd)
+    os.chmod(name, 0o666 & ~umask())
+    return Path(name)
+
+
+def temp_folder(folder: Path, prefix: str, suffix: str) -> Path:
+    """A temporary folder in ``folder`` with ordinary permissions (0777 minus the umask)."""
+    name = tempfile.mkdtemp(dir=folder, prefix=prefix, suffix=suffix)
+    os.chmod(name, 0o777 & ~umask())
+    return Path(name)
+
+
+def unlink_quietly(path: Path | None) -> None:
+    """Delete the file ``path`` if there is one; errors are ignored."""
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def recover(target: Path, complete: Callable[[Path], bool] = lambda p: True) -> Path | None:
