@@ -229,12 +229,7 @@ def train(
     TrainProgress
         After every step; the last one has ``done=True`` and ``reason`` set.
     """
-    if time_limit_s is None and steps is None:
-        raise ValueError("give a time limit (time_limit_s) or a number of steps, or both")
-    if (time_limit_s is not None and time_limit_s <= 0) or (steps is not None and steps <= 0):
-        raise ValueError("time_limit_s and steps must be positive")
-    if not samples:
-        raise ValueError("no training images given")
+    _check_budget(samples, time_limit_s, steps)
     device = torch.device(device)
     rng = np.random.default_rng(seed)
     if seed is not None:
@@ -243,134 +238,240 @@ def train(
     n_classes = getattr(net, "out_channels", None) or int(max(s.target.max() for s in samples)) + 1
     weight = _class_weights(samples, n_classes).to(device)
     ndim = len(patch_shape)
-    mem_fmt = (
-        torch.channels_last
-        if channels_last and ndim == 2
-        else (torch.channels_last_3d if channels_last else torch.contiguous_format)
-    )
+    mem_fmt = _memory_format(channels_last, ndim)
     has_val = validate is not None and any(s.val_labels is not None for s in samples)
-    patches_per_epoch = max(1, sampler.total // int(np.prod(patch_shape)))
+    run = _Run(
+        batch_size=batch_size,
+        patches_per_epoch=max(1, sampler.total // int(np.prod(patch_shape))),
+        steps=steps,
+        time_limit_s=time_limit_s,
+    )
 
     with thread_limit(num_threads if device.type == "cpu" else None):
         net.to(device)
         net.to(memory_format=mem_fmt)
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-        good = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        start = [p.detach().clone() for p in net.parameters()] if anchor > 0 else None
-        best_f1, best_state = -1.0, None
-        history: list[dict] = []
-        t0 = time.perf_counter()
-        last_eval = t0
-        step, loss_ema, val_f1 = 0, None, None
-        reason = ""
+        run.start(net, anchor)
         try:
             while True:
-                elapsed = time.perf_counter() - t0
-                frac = max(
-                    step / steps if steps else 0.0,
-                    elapsed / time_limit_s if time_limit_s else 0.0,
-                )
-                warm = min(1.0, (step + 1) / 20)
-                cur_lr = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-                for g in opt.param_groups:
-                    g["lr"] = cur_lr
-
-                imgs, tgts = [], []
-                for _ in range(batch_size):
-                    img, tgt = sampler.sample()
-                    if augment:
-                        img, tgt = _augment(img, tgt, rng)
-                    imgs.append(img)
-                    tgts.append(tgt)
-                x = torch.from_numpy(np.ascontiguousarray(np.stack(imgs)))
-                y = torch.from_numpy(np.ascontiguousarray(np.stack(tgts)))
-                if augment:
-                    shape = (x.shape[0], x.shape[1]) + (1,) * ndim
-                    gain = torch.empty(shape).uniform_(0.75, 1.33)
-                    shift = torch.empty(shape).uniform_(-0.1, 0.1)
-                    x = x * gain + shift
-                x = x.to(device, non_blocking=True).contiguous(memory_format=mem_fmt)
-                y = y.to(device, non_blocking=True)
-
-                net.train()
-                if freeze_norm:
-                    for m in net.modules():
-                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                            m.eval()
-                logits = net(x)
-                loss = _loss(logits, y, weight)
-                opt.zero_grad(set_to_none=True)
-                if not torch.isfinite(loss):
-                    net.load_state_dict(good)
-                    reason = "diverged (loss not finite); weights restored to the last good step"
+                cur_lr = _set_lr(opt, lr, run.step, run.used())
+                x, y = _batch(sampler, rng, batch_size, augment, ndim, device, mem_fmt)
+                loss = _step(net, opt, x, y, weight, freeze_norm, cur_lr * anchor, run.anchor)
+                if loss is None:
+                    net.load_state_dict(run.good)
+                    run.reason = (
+                        "diverged (loss not finite); weights restored to the last good step"
+                    )
                     break
-                loss.backward()
-                opt.step()
-                if start is not None:
-                    with torch.no_grad():
-                        keep = 1.0 - min(1.0, cur_lr * anchor)
-                        for p, p0 in zip(net.parameters(), start, strict=True):
-                            p.mul_(keep).add_(p0, alpha=1.0 - keep)
-                step += 1
-                lv = float(loss.detach())
-                loss_ema = lv if loss_ema is None else 0.9 * loss_ema + 0.1 * lv
-                now = time.perf_counter()
-                elapsed = now - t0
-
-                if has_val and (now - last_eval >= eval_every_s):
-                    val_f1 = _run_validation(net, samples, validate)
-                    last_eval = time.perf_counter()
-                    if val_f1 > best_f1:
-                        best_f1 = val_f1
-                        best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                if step % 10 == 0:
-                    good = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                history.append({"step": step, "seconds": round(elapsed, 3), "loss": lv})
-                if val_f1 is not None:
-                    history[-1]["val_f1"] = val_f1
-                if steps and step >= steps:
-                    reason = "step limit reached"
-                elif time_limit_s and elapsed >= time_limit_s:
-                    reason = "time limit reached"
-                if reason:
+                now = run.record(float(loss.detach()))
+                if has_val and (now - run.last_eval >= eval_every_s):
+                    run.validated(net, _run_validation(net, samples, validate))
+                run.keep_good(net)
+                if run.stop_reason():
                     break
-                yield TrainProgress(
-                    step=step,
-                    epoch=step * batch_size / patches_per_epoch,
-                    loss=loss_ema,
-                    seconds=elapsed,
-                    lr=cur_lr,
-                    patches_per_s=step * batch_size / max(elapsed, 1e-9),
-                    val_f1=val_f1,
-                    best_val_f1=best_f1 if best_f1 >= 0 else None,
-                    total_steps=steps,
-                    time_limit_s=time_limit_s,
-                    history=history,
-                )
+                yield run.progress(cur_lr)
         finally:
             net.eval()
         # normal end (a close() raises GeneratorExit at the yield and skips this)
         if has_val:
-            val_f1 = _run_validation(net, samples, validate)
-            if best_state is not None and best_f1 > val_f1:
-                net.load_state_dict(best_state)
-                reason += f"; kept the weights with the best validation F1 ({best_f1:.3f})"
-                val_f1 = best_f1
-        elapsed = time.perf_counter() - t0
-        yield TrainProgress(
-            step=step,
-            epoch=step * batch_size / patches_per_epoch,
-            loss=loss_ema if loss_ema is not None else float("nan"),
-            seconds=elapsed,
-            lr=0.0,
-            patches_per_s=step * batch_size / max(elapsed, 1e-9),
-            val_f1=val_f1,
-            best_val_f1=max(best_f1, val_f1) if val_f1 is not None else None,
-            total_steps=steps,
-            time_limit_s=time_limit_s,
-            done=True,
-            reason=reason,
-            history=history,
+            run.finish_validation(net, _run_validation(net, samples, validate))
+        yield run.progress(0.0, done=True)
+
+
+def _check_budget(
+    samples: Sequence[TrainSample], time_limit_s: float | None, steps: int | None
+) -> None:
+    if time_limit_s is None and steps is None:
+        raise ValueError("give a time limit (time_limit_s) or a number of steps, or both")
+    if (time_limit_s is not None and time_limit_s <= 0) or (steps is not None and steps <= 0):
+        raise ValueError("time_limit_s and steps must be positive")
+    if not samples:
+        raise ValueError("no training images given")
+
+
+def _memory_format(channels_last: bool, ndim: int) -> torch.memory_format:
+    if not channels_last:
+        return torch.contiguous_format
+    return torch.channels_last if ndim == 2 else torch.channels_last_3d
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float, step: int, used: float) -> float:
+    """Warm up over 20 steps, then a cosine down to 5 % over the budget; returns the lr set."""
+    warm = min(1.0, (step + 1) / 20)
+    cur_lr = lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(used, 1.0))))
+    for g in opt.param_groups:
+        g["lr"] = cur_lr
+    return cur_lr
+
+
+def _batch(
+    sampler: _PatchSampler,
+    rng: np.random.Generator,
+    batch_size: int,
+    augment: bool,
+    ndim: int,
+    device: torch.device,
+    mem_fmt: torch.memory_format,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of patches on ``device``: ``x (B, C, *P)`` float32, ``y (B, *P)`` int64.
+
+    With ``augment``: random flips and right-angle turns, and a random gain and offset of the
+    intensities per patch and channel.
+    """
+    imgs, tgts = [], []
+    for _ in range(batch_size):
+        img, tgt = sampler.sample()
+        if augment:
+            img, tgt = _augment(img, tgt, rng)
+        imgs.append(img)
+        tgts.append(tgt)
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(imgs)))
+    y = torch.from_numpy(np.ascontiguousarray(np.stack(tgts)))
+    if augment:
+        shape = (x.shape[0], x.shape[1]) + (1,) * ndim
+        gain = torch.empty(shape).uniform_(0.75, 1.33)
+        shift = torch.empty(shape).uniform_(-0.1, 0.1)
+        x = x * gain + shift
+    x = x.to(device, non_blocking=True).contiguous(memory_format=mem_fmt)
+    return x, y.to(device, non_blocking=True)
+
+
+def _step(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    freeze_norm: bool,
+    pull: float,
+    start: list[torch.Tensor] | None,
+) -> torch.Tensor | None:
+    """One optimisation step; returns the loss, or None (nothing changed) if it is not finite.
+
+    ``start`` (the weights training began from) and ``pull`` (``lr * anchor``): after the step
+    every weight moves back by ``pull`` of its distance from where it started.
+    """
+    net.train()
+    if freeze_norm:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    logits = net(x)
+    loss = _loss(logits, y, weight)
+    opt.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return None
+    loss.backward()
+    opt.step()
+    if start is not None:
+        with torch.no_grad():
+            keep = 1.0 - min(1.0, pull)
+            for p, p0 in zip(net.parameters(), start, strict=True):
+                p.mul_(keep).add_(p0, alpha=1.0 - keep)
+    return loss
+
+
+def _snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+@dataclass
+class _Run:
+    """The state of one fine-tuning run between steps: counts, clock, losses, kept weights."""
+
+    batch_size: int
+    patches_per_epoch: int
+    steps: int | None
+    time_limit_s: float | None
+    step: int = 0
+    loss_ema: float | None = None
+    val_f1: float | None = None
+    best_f1: float = -1.0
+    best_state: dict | None = None
+    good: dict = field(default_factory=dict)  # the last weights known to be finite
+    anchor: list[torch.Tensor] | None = None  # the starting weights, when anchored
+    history: list[dict] = field(default_factory=list)
+    reason: str = ""
+    t0: float = 0.0
+    last_eval: float = 0.0
+    elapsed: float = 0.0
+    last_loss: float = math.nan
+
+    def start(self, net: nn.Module, anchor: float) -> None:
+        self.good = _snapshot(net)
+        self.anchor = [p.detach().clone() for p in net.parameters()] if anchor > 0 else None
+        self.t0 = self.last_eval = time.perf_counter()
+
+    def used(self) -> float:
+        """Fraction of the budget (steps or time) used so far; may exceed 1."""
+        elapsed = time.perf_counter() - self.t0
+        return max(
+            self.step / self.steps if self.steps else 0.0,
+            elapsed / self.time_limit_s if self.time_limit_s else 0.0,
+        )
+
+    def record(self, loss: float) -> float:
+        """Count a step with ``loss``; returns the time."""
+        self.step += 1
+        self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+        now = time.perf_counter()
+        self.elapsed = now - self.t0
+        self.last_loss = loss
+        return now
+
+    def validated(self, net: nn.Module, f1: float) -> None:
+        self.val_f1 = f1
+        self.last_eval = time.perf_counter()
+        if f1 > self.best_f1:
+            self.best_f1 = f1
+            self.best_state = _snapshot(net)
+
+    def keep_good(self, net: nn.Module) -> None:
+        """Every 10 steps keep the weights (to undo a divergence); log the step."""
+        if self.step % 10 == 0:
+            self.good = _snapshot(net)
+        self.history.append(
+            {"step": self.step, "seconds": round(self.elapsed, 3), "loss": self.last_loss}
+        )
+        if self.val_f1 is not None:
+            self.history[-1]["val_f1"] = self.val_f1
+
+    def stop_reason(self) -> str:
+        if self.steps and self.step >= self.steps:
+            self.reason = "step limit reached"
+        elif self.time_limit_s and self.elapsed >= self.time_limit_s:
+            self.reason = "time limit reached"
+        return self.reason
+
+    def finish_validation(self, net: nn.Module, f1: float) -> None:
+        """The final score; the best weights seen come back if they scored higher."""
+        self.val_f1 = f1
+        if self.best_state is not None and self.best_f1 > f1:
+            net.load_state_dict(self.best_state)
+            self.reason += f"; kept the weights with the best validation F1 ({self.best_f1:.3f})"
+            self.val_f1 = self.best_f1
+
+    def progress(self, lr: float, done: bool = False) -> TrainProgress:
+        if done:
+            self.elapsed = time.perf_counter() - self.t0
+            best = max(self.best_f1, self.val_f1) if self.val_f1 is not None else None
+        else:
+            best = self.best_f1 if self.best_f1 >= 0 else None
+        loss = self.loss_ema
+        return TrainProgress(
+            step=self.step,
+            epoch=self.step * self.batch_size / self.patches_per_epoch,
+            loss=float("nan") if loss is None else loss,
+            seconds=self.elapsed,
+            lr=lr,
+            patches_per_s=self.step * self.batch_size / max(self.elapsed, 1e-9),
+            val_f1=self.val_f1,
+            best_val_f1=best,
+            total_steps=self.steps,
+            time_limit_s=self.time_limit_s,
+            done=done,
+            reason=self.reason if done else "",
+            history=self.history,
         )
 
 
