@@ -159,10 +159,11 @@ def test_loss_curve_caption_names_only_what_is_drawn(qtbot):
 # ----------------------------------------------------------------------------- item 5 (GUI)
 def test_train_threads_auto_and_a_busy_cpu_is_said(loop, qtbot, messages, monkeypatch):
     from napari_unet import cpu
+    from napari_unet._widgets import _train_form
 
     viewer, _, train, _ = loop
     asked = []
-    monkeypatch.setattr(train_mod, "default_threads", lambda gui=False: asked.append(gui) or 1)
+    monkeypatch.setattr(_train_form, "default_threads", lambda gui=False: asked.append(gui) or 1)
     monkeypatch.setattr(cpu, "CHECK_EVERY_S", 0.0)
     monkeypatch.setattr(cpu, "_cores", lambda: 2)
     monkeypatch.setattr(cpu._Sampler, "others", lambda self: 1.6)  # another program is busy

@@ -32,9 +32,21 @@ if TYPE_CHECKING:
     from .segmenter import Segmenter
     from .training import TrainProgress
 
-__all__ = ["RunState", "RunStatus", "Outcome", "TrainRun", "RunBusy", "summary"]
+__all__ = [
+    "RunState",
+    "RunStatus",
+    "Outcome",
+    "TrainRun",
+    "RunBusy",
+    "summary",
+    "untrained_like",
+    "VAL_FRACTION",
+]
 
 logger = logging.getLogger(__name__)
+
+#: the share of each image the front ends hold out for validation when asked to
+VAL_FRACTION = 0.1
 
 
 class RunState(Enum):
@@ -116,6 +128,24 @@ def summary(last: TrainProgress, stopped: bool = False) -> str:
     if last.val_f1 is not None:
         text += f", validation F1@0.5 {last.val_f1:.3f}"
     return text
+
+
+def untrained_like(seg: Segmenter, name: str) -> Segmenter:
+    """A new, untrained model with the task and the architecture of ``seg``."""
+    from .segmenter import Segmenter
+
+    arch = seg.model_config.architecture
+    return Segmenter.new(
+        task=seg.task,
+        in_channels=arch.in_channels,
+        num_classes=max(2, arch.out_channels),
+        ndim=arch.ndim,
+        base_channels=arch.base_channels,
+        depth=arch.depth,
+        up_mode=arch.up_mode,
+        dropout=arch.dropout,
+        name=name,
+    )
 
 
 class TrainRun:
@@ -227,6 +257,8 @@ class TrainRun:
 
     def _steps(self) -> Generator[Any, None, bool]:
         """Yield the fine-tuning's events; True when stopped before its end."""
+        if self.stop_requested:  # stopped before it started
+            return True
         ft = self.segmenter.finetune(self.images, self.labels, self.masks, **self.kwargs)
         try:
             for p in ft:
@@ -244,13 +276,18 @@ class TrainRun:
             ft.close()  # the core's finally: weights back on the CPU, history recorded
 
     def _interleaved(self, p: TrainProgress) -> Generator[Any, None, None]:
+        extra = iter(self.interleave(p))
         try:
-            for item in self.interleave(p):
+            for item in extra:
                 yield item
                 if self.stop_requested:
                     return
         except Exception as e:  # noqa: BLE001 - an extra must not stop the training
             logger.warning("napari-unet: %s", user_message(e))
+        finally:
+            close = getattr(extra, "close", None)
+            if close is not None:
+                close()  # a stop in the middle: the extra's own work ends too
 
     def _show(self, p: TrainProgress) -> None:
         st = self.status

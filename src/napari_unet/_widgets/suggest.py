@@ -28,7 +28,9 @@ from qtpy.QtWidgets import (
 
 from ..uncertainty import Region, rank_regions, uncertainty_iter
 from . import _layers
-from ._workers import Failure, Job, Task, set_progress, user_message
+from ._jobs import Job
+from ._messages import Failure, set_progress, user_message
+from ._tasks import Task
 
 if TYPE_CHECKING:
     import napari
@@ -88,6 +90,8 @@ class SuggestJob(Job):
                 num_threads=self.num_threads,
             )
             u = yield from self._drive(gen)
+            if u is None:  # stopped
+                return None
             if req.region.view:  # a field of view of a big layer: a positioned layer of its own
                 full = u
             else:
