@@ -157,7 +157,7 @@ def test_foreign_packages(tmp_path, capsys):
         buf = io.BytesIO()
         torch.save({"w": _Evil()}, buf, pickle_protocol=pickle.DEFAULT_PROTOCOL)
         files["weights.pt"] = buf.getvalue()
-        rdf["weights"]["pytorch_state_dict"]["sha256"] = bio._sha256(buf.getvalue())
+        rdf["weights"]["pytorch_state_dict"]["sha256"] = bio.sha256(buf.getvalue())
 
     with pytest.raises(bio.PackageError, match="refused"):
         bio.import_package(_repack(src, tmp_path / "evil.zip", pickled_code))

@@ -71,7 +71,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     size = out.stat().st_size / 2**20
-    print(f"{out}: bioimage.io package of {seg.config.get('name')!r} ({size:.1f} MiB)")
+    print(f"{out}: bioimage.io package of {seg.model_config.name!r} ({size:.1f} MiB)")
     print(f"check it with: bioimageio test {out}")
     return 0
 
@@ -81,7 +81,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     cli = _cli()
     seg = bioimageio.import_package(args.package)
-    target = args.output or f"{cli._REGISTRY}{args.name or seg.config.get('name') or 'imported'}"
+    target = args.output or f"{cli._REGISTRY}{args.name or seg.model_config.name or 'imported'}"
     if not target.startswith(cli._REGISTRY):
         cli._check_output_target(target)
     where = cli._save_segmenter(seg, target)
@@ -153,7 +153,7 @@ def cmd_predict_batch(args: argparse.Namespace, paths: list[Path]) -> int:
         if args.tile < 16:
             raise cli.CLIError(f"--tile must be at least 16 pixels, not {args.tile}")
         t = args.tile
-        kwargs["tile_shape"] = [t, t] if seg.ndim == 2 else [seg.config["tile_shape"][0], t, t]
+        kwargs["tile_shape"] = [t, t] if seg.ndim == 2 else [seg.model_config.tile_shape[0], t, t]
     slurm = {
         "queue": args.queue,
         "cores": args.cores,

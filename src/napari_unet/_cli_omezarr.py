@@ -129,7 +129,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.tile is not None:
         if args.tile < 16:
             raise cli.CLIError(f"--tile must be at least 16 pixels, not {args.tile}")
-        tile = [args.tile] * 2 if seg.ndim == 2 else [seg.config["tile_shape"][0], *[args.tile] * 2]
+        tile = (
+            [args.tile] * 2 if seg.ndim == 2 else [seg.model_config.tile_shape[0], *[args.tile] * 2]
+        )
     show = cli._progress_enabled(args)
     t_start = time.perf_counter()
     for p, target in zip(paths, targets, strict=True):

@@ -20,13 +20,13 @@ An exported package is a zip archive that any bioimage.io consumer can run, and 
 The model's full napari-unet config (task, classes, normalisation, tiles and the instance
 post-processing thresholds) travels in ``config.napari_unet`` of ``rdf.yaml``, so an import
 restores predictions exactly. Exporting needs neither bioimageio.spec nor bioimageio.core;
-``bioimageio test PACKAGE.zip`` validates the result.
+``bioimageio test PACKAGE.zip`` validates the result. Reading a package back is
+:mod:`napari_unet.bioimageio_read`'s job (its functions are importable from here too).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import json
 import math
@@ -41,9 +41,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import store
+from . import fileio
+from .bioimageio_read import (
+    CONFIG_FORMAT,
+    CONFIG_KEY,
+    CONFIG_VERSION,
+    ST_FILE,
+    PackageError,
+    import_package,
+    is_package,
+    read_description,
+    sha256,
+)
 
 if TYPE_CHECKING:
+    from .config import ModelConfig
     from .segmenter import Segmenter
 
 __all__ = [
@@ -56,13 +68,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = "0.5.4"
-_CONFIG_KEY = "napari_unet"
-_CONFIG_FORMAT = "napari-unet-bioimageio"
-_CONFIG_VERSION = 1
 _ARCH_FILE = "unet_architecture.py"
 _STATE_FILE = "weights.pt"
 _TS_FILE = "weights_torchscript.pt"
-_ST_FILE = "weights.safetensors"
 _EPS = 1e-6  # scale_range's eps: (x - lo) / (hi - lo + eps)
 _MAX_TEST_SIDE = 256
 _MAX_TEST_DEPTH = 32
@@ -70,15 +78,7 @@ _MAX_TEST_DEPTH = 32
 Progress = Callable[[int, int, str], None]
 
 
-class PackageError(store.ModelFileError):
-    """A bioimage.io package that cannot be written or read (a clear, user-facing message)."""
-
-
 # ============================================================================ helpers
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -105,8 +105,8 @@ def _spatial_ids(ndim: int) -> list[str]:
     return ["z", "y", "x"] if ndim == 3 else ["y", "x"]
 
 
-def _channel_names(config: dict, n: int) -> list[str]:
-    names = [str(c) for c in config.get("classes", [])][:n]
+def _channel_names(mc: ModelConfig, n: int) -> list[str]:
+    names = [str(c) for c in mc.classes or []][:n]
     names += [f"class{k}" for k in range(len(names), n)]
     return [
         re.sub(r"[^0-9A-Za-z_]+", "_", s).strip("_") or f"class{k}" for k, s in enumerate(names)
@@ -239,22 +239,22 @@ def _cover(raw: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return canvas
 
 
-def _postprocess_text(config: dict) -> str:
-    pp = config.get("postprocess", {}) or {}
-    if config.get("task") == "semantic":
+def _postprocess_text(mc: ModelConfig) -> str:
+    pp = mc.postprocess
+    if mc.task == "semantic":
         return (
             "Each pixel gets the class of highest probability (argmax over the output channels "
-            f"{', '.join(config.get('classes', []))}); 0 is background."
+            f"{', '.join(mc.classes or [])}); 0 is background."
         )
     return (
         "The network predicts three probabilities per pixel: background, object interior and "
         "object boundary. napari-unet turns them into instance labels (0 = background, 1..N = "
         "objects) like this:\n\n"
-        f"1. seeds: connected components of `interior > {pp.get('seed_threshold', 0.5)}` "
+        f"1. seeds: connected components of `interior > {pp.seed_threshold}` "
         "(seeds of fewer than 3 pixels, 8 voxels in 3D, are dropped as noise);\n"
-        f"2. foreground: pixels with `background < 1 - {pp.get('foreground_threshold', 0.5)}`;\n"
+        f"2. foreground: pixels with `background < 1 - {pp.foreground_threshold}`;\n"
         "3. a watershed grows the seeds over the foreground;\n"
-        f"4. objects smaller than `min_size` ({pp.get('min_size')}; null = 10 pixels in 2D, "
+        f"4. objects smaller than `min_size` ({pp.min_size}; null = 10 pixels in 2D, "
         "40 voxels in 3D) are removed.\n\n"
         "These thresholds are stored in `config.napari_unet.model.postprocess` of `rdf.yaml`; "
         "`napari-unet import` restores them exactly."
@@ -262,41 +262,38 @@ def _postprocess_text(config: dict) -> str:
 
 
 def _readme(seg: Segmenter, size: tuple[int, ...]) -> str:
-    cfg = seg.config
-    card = cfg.get("model_card") or {}
-    scores = [f"- held-out validation score (instance F1 at IoU 0.5): {cfg.get('val_score')}"]
-    for k, v in card.items():
+    mc = seg.model_config
+    scores = [f"- held-out validation score (instance F1 at IoU 0.5): {mc.val_score}"]
+    for k, v in (mc.model_card or {}).items():
         if k.startswith("heldout") or "f1" in k or "ap" in k.split("_"):
             scores.append(f"- {k}: {v}")
-    trained = cfg.get("trained_on") or []
-    trained_txt = "\n".join(f"- {t}" for t in trained) or "- (not recorded: an untrained model)"
-    hist = cfg.get("history") or []
-    steps = sum(int(h.get("steps", 0) or 0) for h in hist)
-    norm = cfg.get("normalization", {})
-    a = cfg["architecture"]
-    return f"""# napari-unet model: {cfg.get("name", "untitled")}
+    trained_txt = "\n".join(f"- {t}" for t in mc.trained_on)
+    trained_txt = trained_txt or "- (not recorded: an untrained model)"
+    steps = sum(h.steps for h in mc.history)
+    a = mc.architecture
+    return f"""# napari-unet model: {mc.name}
 
-A {a["ndim"]}D U-Net ({cfg["task"]} segmentation, {a["in_channels"]} input channel(s),
-{a["out_channels"]} output classes: {", ".join(cfg.get("classes", []))}), exported by
-napari-unet. Architecture: `{_ARCH_FILE}` (`UNet`, base width {a["base_channels"]},
-depth {a["depth"]}, up-sampling `{a["up_mode"]}`).
+A {a.ndim}D U-Net ({mc.task} segmentation, {a.in_channels} input channel(s),
+{a.out_channels} output classes: {", ".join(mc.classes or [])}), exported by
+napari-unet. Architecture: `{_ARCH_FILE}` (`UNet`, base width {a.base_channels},
+depth {a.depth}, up-sampling `{a.up_mode}`).
 
 ## Training data
 
 {trained_txt}
 
-{len(hist)} training run(s), {steps} optimiser steps in all.
+{len(mc.history)} training run(s), {steps} optimiser steps in all.
 
 ## Input and preprocessing
 
-Each channel is scaled per image from its {norm.get("low", 1.0)}th percentile (0) to its
-{norm.get("high", 99.8)}th percentile (1) (`scale_range`). Spatial sizes are multiples of
-{seg.net.divisor}; napari-unet itself tiles larger images (tile {cfg.get("tile_shape")},
-overlap {cfg.get("overlap")}).
+Each channel is scaled per image from its {mc.normalization.low}th percentile (0) to its
+{mc.normalization.high}th percentile (1) (`scale_range`). Spatial sizes are multiples of
+{seg.net.divisor}; napari-unet itself tiles larger images (tile {mc.tile_shape},
+overlap {mc.overlap}).
 
 ## Output and post-processing
 
-The output is the softmax probability of each class. {_postprocess_text(cfg)}
+The output is the softmax probability of each class. {_postprocess_text(mc)}
 
 ## Validation
 
@@ -393,11 +390,11 @@ def export_iter(
     from safetensors.torch import save as st_save
 
     cfg = json.loads(json.dumps(seg.config, default=str))  # plain JSON (also a deep copy)
-    norm = cfg.get("normalization") or {}
-    low, high = float(norm.get("low", 1.0)), float(norm.get("high", 99.8))
-    if norm.get("method", "percentile") != "percentile":
+    norm = seg.model_config.normalization
+    low, high = norm.low, norm.high
+    if norm.method != "percentile":  # pragma: no cover - the only method today
         raise PackageError(
-            f"the model's normalisation {norm.get('method')!r} has no bioimage.io equivalent"
+            f"the model's normalisation {norm.method!r} has no bioimage.io equivalent"
         )
     raw = _test_image(seg, test_image, axes)
     x = _scale_range(raw, low, high)[None]
@@ -412,7 +409,7 @@ def export_iter(
     files: dict[str, bytes] = {
         _ARCH_FILE: _architecture_source(),
         _STATE_FILE: _torch_bytes(state),
-        _ST_FILE: st_save(state),
+        ST_FILE: st_save(state),
         "test_input.npy": _npy_bytes(raw[None]),
         "test_output.npy": _npy_bytes(probs),
         "cover.png": _png_bytes(cover),
@@ -430,8 +427,8 @@ def export_iter(
         files[_TS_FILE] = buf.getvalue()
         yield 4, steps, "torchscript"
 
-    sha = {k: _sha256(v) for k, v in files.items()}
-    rdf = _description(seg, cfg, sha, raw.shape, low, high, torchscript, authors, license)
+    sha = {k: sha256(v) for k, v in files.items()}
+    rdf = _description(seg, cfg, sha, low, high, torchscript, authors, license)
     import yaml
 
     files["rdf.yaml"] = yaml.safe_dump(rdf, sort_keys=False, allow_unicode=True).encode()
@@ -441,25 +438,11 @@ def export_iter(
     return out
 
 
-def _description(
-    seg: Segmenter,
-    cfg: dict,
-    sha: dict[str, str],
-    test_shape: tuple[int, ...],
-    low: float,
-    high: float,
-    torchscript: bool,
-    authors: Sequence[str] | None,
-    license: str,
-) -> dict[str, Any]:
-    import torch
-
-    nd = seg.ndim
+def _axes(seg: Segmenter, out_names: list[str]) -> tuple[list[dict], list[dict]]:
+    """The input and output axes: batch, channel, then space (the output sized as the input)."""
+    ids = _spatial_ids(seg.ndim)
     d = seg.net.divisor
-    ids = _spatial_ids(nd)
-    torch_version = torch.__version__.split("+")[0]
     in_names = [f"channel{c}" for c in range(seg.in_channels)]
-    out_names = _channel_names(cfg, seg.net.out_channels)
     in_axes: list[dict[str, Any]] = [
         {"type": "batch"},
         {"type": "channel", "channel_names": in_names},
@@ -472,10 +455,14 @@ def _description(
     out_axes += [
         {"type": "space", "id": a, "size": {"tensor_id": "raw", "axis_id": a}} for a in ids
     ]
-    name = cfg.get("name") or "untitled"
-    people = [{"name": a} for a in (authors or ["napari-unet user"])]
-    created = cfg.get("created") or _dt.datetime.now(_dt.timezone.utc).isoformat()
-    trained = "; ".join(cfg.get("trained_on") or []) or "untrained"
+    return in_axes, out_axes
+
+
+def _weights(cfg: dict, sha: dict[str, str], torchscript: bool) -> dict[str, Any]:
+    """The ``weights`` entry: the state dict with its architecture, and TorchScript."""
+    import torch
+
+    torch_version = torch.__version__.split("+")[0]
     weights: dict[str, Any] = {
         "pytorch_state_dict": {
             "source": _STATE_FILE,
@@ -497,28 +484,24 @@ def _description(
             "pytorch_version": torch_version,
             "comment": "traced with torch.jit.trace by napari-unet",
         }
+    return weights
+
+
+def _tensors(
+    seg: Segmenter, sha: dict[str, str], low: float, high: float, out_names: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """The ``inputs`` (with ``scale_range``) and ``outputs`` (with ``softmax``) entries."""
+    in_axes, out_axes = _axes(seg, out_names)
+    scale_range = {
+        "id": "scale_range",
+        "kwargs": {
+            "axes": _spatial_ids(seg.ndim),
+            "min_percentile": low,
+            "max_percentile": high,
+            "eps": _EPS,
+        },
+    }
     return {
-        "type": "model",
-        "format_version": FORMAT_VERSION,
-        "name": re.sub(r"[^0-9A-Za-z _()\-]+", "-", f"napari-unet {name}")[:128],
-        "description": (
-            f"{nd}D U-Net for {cfg['task']} segmentation ({seg.in_channels} channel(s)) "
-            f"trained with napari-unet on: {trained}"
-        )[:1024],
-        "authors": people,
-        "cite": [
-            {
-                "text": "Ronneberger, O., Fischer, P., Brox, T. U-Net: Convolutional Networks "
-                "for Biomedical Image Segmentation. MICCAI 2015.",
-                "doi": "10.1007/978-3-319-24574-4_28",
-            }
-        ],
-        "license": license,
-        "tags": ["unet", f"{nd}d", "pytorch", "napari-unet", cfg["task"], "segmentation"],
-        "documentation": "README.md",
-        "covers": ["cover.png"],
-        "attachments": [{"source": _ST_FILE, "sha256": sha[_ST_FILE]}],
-        "timestamp": created,
         "inputs": [
             {
                 "id": "raw",
@@ -526,17 +509,7 @@ def _description(
                 "axes": in_axes,
                 "test_tensor": {"source": "test_input.npy", "sha256": sha["test_input.npy"]},
                 "data": {"type": "float32"},
-                "preprocessing": [
-                    {
-                        "id": "scale_range",
-                        "kwargs": {
-                            "axes": ids,
-                            "min_percentile": low,
-                            "max_percentile": high,
-                            "eps": _EPS,
-                        },
-                    }
-                ],
+                "preprocessing": [scale_range],
             }
         ],
         "outputs": [
@@ -549,21 +522,60 @@ def _description(
                 "postprocessing": [{"id": "softmax", "kwargs": {"axis": "channel"}}],
             }
         ],
-        "weights": weights,
+    }
+
+
+_CITE_UNET = {
+    "text": "Ronneberger, O., Fischer, P., Brox, T. U-Net: Convolutional Networks "
+    "for Biomedical Image Segmentation. MICCAI 2015.",
+    "doi": "10.1007/978-3-319-24574-4_28",
+}
+_TOLERANCE = {
+    "relative_tolerance": 1e-3,
+    "absolute_tolerance": 1e-4,
+    "mismatched_elements_per_million": 100,
+}
+
+
+def _description(
+    seg: Segmenter,
+    cfg: dict,
+    sha: dict[str, str],
+    low: float,
+    high: float,
+    torchscript: bool,
+    authors: Sequence[str] | None,
+    license: str,
+) -> dict[str, Any]:
+    """The ``rdf.yaml`` of the package; ``cfg`` (plain JSON) travels in ``config.napari_unet``."""
+    mc = seg.model_config
+    nd = seg.ndim
+    out_names = _channel_names(mc, seg.net.out_channels)
+    trained = "; ".join(mc.trained_on) or "untrained"
+    return {
+        "type": "model",
+        "format_version": FORMAT_VERSION,
+        "name": re.sub(r"[^0-9A-Za-z _()\-]+", "-", f"napari-unet {mc.name or 'untitled'}")[:128],
+        "description": (
+            f"{nd}D U-Net for {mc.task} segmentation ({seg.in_channels} channel(s)) "
+            f"trained with napari-unet on: {trained}"
+        )[:1024],
+        "authors": [{"name": a} for a in (authors or ["napari-unet user"])],
+        "cite": [dict(_CITE_UNET)],
+        "license": license,
+        "tags": ["unet", f"{nd}d", "pytorch", "napari-unet", mc.task, "segmentation"],
+        "documentation": "README.md",
+        "covers": ["cover.png"],
+        "attachments": [{"source": ST_FILE, "sha256": sha[ST_FILE]}],
+        "timestamp": mc.created or _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        **_tensors(seg, sha, low, high, out_names),
+        "weights": _weights(cfg, sha, torchscript),
         "config": {
-            "bioimageio": {
-                "reproducibility_tolerance": [
-                    {
-                        "relative_tolerance": 1e-3,
-                        "absolute_tolerance": 1e-4,
-                        "mismatched_elements_per_million": 100,
-                    }
-                ]
-            },
-            _CONFIG_KEY: {
-                "format": _CONFIG_FORMAT,
-                "version": _CONFIG_VERSION,
-                "weights": _ST_FILE,
+            "bioimageio": {"reproducibility_tolerance": [dict(_TOLERANCE)]},
+            CONFIG_KEY: {
+                "format": CONFIG_FORMAT,
+                "version": CONFIG_VERSION,
+                "weights": ST_FILE,
                 "model": cfg,
             },
         },
@@ -579,227 +591,8 @@ def _write_zip(out: Path, files: dict[str, bytes]) -> None:
                     zf.writestr(name, files[name])
             fh.flush()
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~fileio.umask())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-# ============================================================================ import
-
-
-def is_package(path: str | os.PathLike) -> bool:
-    """True for a zip file or a folder holding an ``rdf.yaml`` / ``bioimageio.yaml``."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        return (p / "rdf.yaml").is_file() or (p / "bioimageio.yaml").is_file()
-    return p.suffix.lower() == ".zip" and p.is_file()
-
-
-class _Reader:
-    """Files of a package: a zip archive or an unpacked folder; names must stay inside."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._zip: zipfile.ZipFile | None = None
-        if path.is_file():
-            try:
-                self._zip = zipfile.ZipFile(path)
-            except zipfile.BadZipFile:
-                raise PackageError(f"{path} is not a zip archive (a bioimage.io package)") from None
-
-    def read(self, name: str) -> bytes:
-        if not isinstance(name, str) or name.startswith(("/", "\\")) or ".." in Path(name).parts:
-            raise PackageError(f"{self.path}: file {name!r} is outside the package")
-        try:
-            if self._zip is not None:
-                return self._zip.read(name)
-            return (self.path / name).read_bytes()
-        except (KeyError, FileNotFoundError):
-            raise PackageError(f"{self.path}: the package has no file {name!r}") from None
-
-    def has(self, name: str) -> bool:
-        if self._zip is not None:
-            return name in self._zip.namelist()
-        return (self.path / name).is_file()
-
-    def close(self) -> None:
-        if self._zip is not None:
-            self._zip.close()
-
-
-def _open(path: str | os.PathLike) -> _Reader:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise PackageError(f"{p} does not exist")
-    return _Reader(p)
-
-
-def _rdf(reader: _Reader) -> dict[str, Any]:
-    import yaml
-
-    name = "rdf.yaml" if reader.has("rdf.yaml") else "bioimageio.yaml"
-    try:
-        rdf = yaml.safe_load(reader.read(name))
-    except yaml.YAMLError as e:
-        raise PackageError(f"{reader.path}: {name} is not valid YAML ({e})") from None
-    if not isinstance(rdf, dict) or rdf.get("type") != "model":
-        raise PackageError(f"{reader.path}: not a bioimage.io model description")
-    return rdf
-
-
-def read_description(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``rdf.yaml`` of a package, as a dict (read safely, nothing executed)."""
-    reader = _open(path)
-    try:
-        return _rdf(reader)
-    finally:
-        reader.close()
-
-
-def _checked(reader: _Reader, entry: dict[str, Any]) -> bytes:
-    data = reader.read(entry["source"])
-    want = entry.get("sha256")
-    if want and _sha256(data) != want:
-        raise PackageError(
-            f"{reader.path}: {entry['source']} does not match its sha256 in rdf.yaml "
-            "(a damaged or altered package)"
-        )
-    return data
-
-
-def _load_state_dict_pt(data: bytes, where: str) -> dict[str, Any]:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
-    import pickle
-
-    import torch
-
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PackageError(
-            f"{where}: refused to load the weights: they are not a plain state dict of tensors "
-            f"(torch.load with weights_only=True said: {first}). napari-unet never unpickles "
-            "code from a model file."
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PackageError(f"{where}: the weights are not a state dict of tensors")
-    return state
-
-
-def _foreign_config(rdf: dict[str, Any], where: str) -> dict[str, Any]:
-    """Map a package from elsewhere onto ``UNet`` when its architecture says it is one."""
-    from .segmenter import Segmenter
-
-    psd = (rdf.get("weights") or {}).get("pytorch_state_dict")
-    if not isinstance(psd, dict):
-        raise PackageError(
-            f"{where}: this package was not made by napari-unet and has no pytorch_state_dict "
-            "weights; napari-unet cannot use it"
-        )
-    arch = psd.get("architecture") or {}
-    callable_ = arch.get("callable") or ""
-    kwargs = arch.get("kwargs") or {}
-    known = set(Segmenter.new().net.config())
-    if callable_ != "UNet" or not set(kwargs) <= known or "in_channels" not in kwargs:
-        raise PackageError(
-            f"{where}: this package was not made by napari-unet and its architecture "
-            f"({callable_ or 'unknown'} with kwargs {sorted(kwargs)}) cannot be mapped onto "
-            "napari-unet's UNet; use it with bioimageio.core or the software it came from"
-        )
-    out = int(kwargs.get("out_channels", 1))
-    task = "instance" if out == 3 else "semantic"
-    if task == "semantic" and out < 2:
-        raise PackageError(f"{where}: a single-output network cannot be mapped onto napari-unet")
-    seg = Segmenter.new(task, int(kwargs["in_channels"]), num_classes=max(out, 2))
-    cfg = seg.config
-    full = seg.net.config()
-    full.update(kwargs)
-    cfg["architecture"] = full
-    cfg["name"] = re.sub(r"[^0-9A-Za-z_-]+", "-", str(rdf.get("name", "imported"))).strip("-")
-    pre = ((rdf.get("inputs") or [{}])[0] or {}).get("preprocessing") or []
-    for op in pre:
-        if isinstance(op, dict) and op.get("id") == "scale_range":
-            kw = op.get("kwargs") or {}
-            cfg["normalization"] = {
-                "method": "percentile",
-                "low": float(kw.get("min_percentile", 0.0)),
-                "high": float(kw.get("max_percentile", 100.0)),
-            }
-    cfg["trained_on"] = [f"imported from a bioimage.io package: {rdf.get('name')}"]
-    return cfg
-
-
-def import_package(path: str | os.PathLike) -> Segmenter:
-    """Read a bioimage.io package (zip or folder) into a :class:`Segmenter`.
-
-    Packages written by :func:`export_package` come back exactly (weights from the
-    safetensors attachment, the full config from ``config.napari_unet``). Packages from
-    elsewhere are accepted only if their ``pytorch_state_dict`` architecture is a ``UNet``
-    whose kwargs napari-unet's ``UNet`` takes; their weights are read with
-    ``torch.load(weights_only=True)``. Nothing in a package is ever executed or unpickled.
-    """
-    import torch
-
-    from .model import UNet
-    from .segmenter import TASKS, Segmenter
-
-    reader = _open(path)
-    where = str(Path(path))
-    try:
-        rdf = _rdf(reader)
-        ours = ((rdf.get("config") or {}).get(_CONFIG_KEY)) or None
-        if isinstance(ours, dict) and ours.get("format") == _CONFIG_FORMAT:
-            if int(ours.get("version", 0)) > _CONFIG_VERSION:
-                raise PackageError(
-                    f"{where}: made by a newer napari-unet (package config version "
-                    f"{ours.get('version')}); update napari-unet to read it"
-                )
-            cfg = ours.get("model")
-            if not isinstance(cfg, dict):
-                raise PackageError(f"{where}: config.napari_unet.model is missing")
-            st_name = ours.get("weights", _ST_FILE)
-            entry = next(
-                (a for a in rdf.get("attachments") or [] if a.get("source") == st_name),
-                {"source": st_name},
-            )
-            from safetensors import SafetensorError
-            from safetensors.torch import load as st_load
-
-            try:
-                state = st_load(_checked(reader, entry))
-            except SafetensorError as e:
-                raise PackageError(f"{where}: {st_name} is not valid safetensors ({e})") from None
-        else:
-            cfg = _foreign_config(rdf, where)
-            psd = rdf["weights"]["pytorch_state_dict"]
-            state = _load_state_dict_pt(_checked(reader, psd), where)
-    finally:
-        reader.close()
-    arch = cfg.get("architecture")
-    if not isinstance(arch, dict) or cfg.get("task") not in TASKS:
-        raise PackageError(f"{where}: the package's model config has no usable architecture/task")
-    try:  # the config module checks each field and the weights' shapes (when present)
-        from .config import ModelConfig, check_weights
-    except ImportError:  # pragma: no cover - older layout
-        pass
-    else:
-        mc = ModelConfig.from_dict(cfg, f"{where} (config.napari_unet.model)")
-        check_weights(mc.architecture, state, where)
-        cfg = mc.to_dict()
-        arch = cfg["architecture"]
-    try:
-        net = UNet(**arch)
-        net.load_state_dict(state, strict=True)
-    except (TypeError, RuntimeError, ValueError) as e:
-        raise PackageError(
-            f"{where}: the weights do not fit the architecture in the package ({e})"
-        ) from None
-    net.to(torch.float32)
-    return Segmenter(net, cfg)
