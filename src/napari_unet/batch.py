@@ -266,8 +266,34 @@ def predict_files(
     """
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser()
-    paths = [Path(p).expanduser() for p in images]
     res = BatchResult()
+    todo = _plan_outputs([Path(p).expanduser() for p in images], out, overwrite, res)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = model_bytes(model)
+    kwargs = dict(predict_kwargs)
+    kwargs.setdefault("device", "cpu")
+    tally = _Tally(res, len(todo), progress)
+    if client is None:
+        for p, target in todo:
+            for attempt in range(retries + 1):
+                try:
+                    tally.finished(_predict_file(payload, str(p), str(target), axes, None, kwargs))
+                    break
+                except Exception as e:  # noqa: BLE001 - reported per file, the others go on
+                    if attempt == retries:
+                        tally.failed(p, e)
+    else:
+        res.workers = len(client.scheduler_info().get("workers", {}))
+        _files_on_cluster(client, todo, payload, axes, threads_per_worker, kwargs, retries, tally)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _plan_outputs(
+    paths: list[Path], out: Path, overwrite: bool, res: BatchResult
+) -> list[tuple[Path, Path]]:
+    """The (image, labels file) pairs to predict; existing outputs go to ``res.skipped``
+    unless ``overwrite``. An output that is an input, or two inputs with one output, raise."""
     inputs = {p.resolve() for p in paths}
     todo: list[tuple[Path, Path]] = []
     seen: dict[Path, Path] = {}
@@ -282,43 +308,46 @@ def predict_files(
             res.skipped.append(p)
             continue
         todo.append((p, target))
-    out.mkdir(parents=True, exist_ok=True)
-    total = len(todo)
-    payload = model_bytes(model)
-    kwargs = dict(predict_kwargs)
-    kwargs.setdefault("device", "cpu")
-    done = 0
+    return todo
 
-    def finished(info: dict[str, Any]) -> None:
-        nonlocal done
-        done += 1
-        res.written.append(Path(info["out"]))
-        res.summaries[Path(info["image"]).name] = info["summary"]
-        if progress is not None:
-            progress(done, total, Path(info["image"]).name)
 
-    def failed(p: Path, e: BaseException) -> None:
-        nonlocal done
-        done += 1
-        res.failed[str(p)] = f"{type(e).__name__}: {e}"
-        if progress is not None:
-            progress(done, total, p.name)
+@dataclass
+class _Tally:
+    """Counts finished and failed files into a :class:`BatchResult` and reports progress."""
 
-    if client is None:
-        for p, target in todo:
-            for attempt in range(retries + 1):
-                try:
-                    finished(_predict_file(payload, str(p), str(target), axes, None, kwargs))
-                    break
-                except Exception as e:  # noqa: BLE001 - reported per file, the others go on
-                    if attempt == retries:
-                        failed(p, e)
-        res.seconds = time.perf_counter() - t0
-        return res
+    res: BatchResult
+    total: int
+    progress: Progress | None
+    done: int = 0
 
+    def finished(self, info: dict[str, Any]) -> None:
+        self.res.written.append(Path(info["out"]))
+        self.res.summaries[Path(info["image"]).name] = info["summary"]
+        self._count(Path(info["image"]).name)
+
+    def failed(self, p: Path, e: BaseException) -> None:
+        self.res.failed[str(p)] = f"{type(e).__name__}: {e}"
+        self._count(p.name)
+
+    def _count(self, name: str) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total, name)
+
+
+def _files_on_cluster(
+    client: Any,
+    todo: list[tuple[Path, Path]],
+    payload: tuple[bytes, str, str],
+    axes: str | None,
+    threads: int | None,
+    kwargs: dict[str, Any],
+    retries: int,
+    tally: _Tally,
+) -> None:
+    """One task per file, the model scattered to every worker once; results as they come."""
     from distributed import as_completed
 
-    res.workers = len(client.scheduler_info().get("workers", {}))
     shared = client.scatter(payload, broadcast=True, hash=False)
     futures = {}
     for p, target in todo:
@@ -328,7 +357,7 @@ def predict_files(
             str(p),
             str(target),
             axes,
-            threads_per_worker,
+            threads,
             kwargs,
             retries=retries,
             pure=False,
@@ -337,11 +366,9 @@ def predict_files(
         futures[f] = p
     for f in as_completed(futures):
         try:
-            finished(f.result())
+            tally.finished(f.result())
         except Exception as e:  # noqa: BLE001 - a file that failed twice: reported, skipped
-            failed(futures[f], e)
-    res.seconds = time.perf_counter() - t0
-    return res
+            tally.failed(futures[f], e)
 
 
 # ============================================================================ one big array
@@ -383,47 +410,18 @@ def predict_array(
     -------
     The labels (``int32``, the array's axes without ``C``), in ``labels_out`` when given.
     """
-    from .segmenter import Segmenter
-
-    if not isinstance(model, Segmenter):
-        raise TypeError("model must be a Segmenter")
-    axes = axes.upper()
-    if len(axes) != len(array.shape):
-        raise ValueError(f"axes {axes!r} do not match the array's {len(array.shape)} dimensions")
-    lead = axes[0]
-    if lead != "T" and not (lead == "Z" and model.ndim == 2):
-        raise ValueError(
-            f"predict_array cuts the array along a leading T axis (or Z for a 2D model); the "
-            f"axes are {axes!r}"
-        )
-    frame_axes = axes[1:]
-    n = int(array.shape[0])
-    out_shape = tuple(int(s) for a, s in zip(axes, array.shape, strict=True) if a != "C")
+    frame_axes, out_shape = _frames_of(model, array, axes)
     labels = np.zeros(out_shape, np.int32) if labels_out is None else labels_out
     if tuple(labels.shape) != out_shape:
         raise ValueError(f"labels_out has shape {tuple(labels.shape)}, expected {out_shape}")
     payload = model_bytes(model)
     kwargs = dict(predict_kwargs)
     kwargs.setdefault("device", "cpu")
-    results: dict[int, np.ndarray] = {}
-    next_frame, offset = 0, 0
-
-    def flush() -> None:  # frames are written in order, so ids are unique and deterministic
-        nonlocal next_frame, offset
-        while next_frame in results:
-            lab = results.pop(next_frame).astype(np.int32)
-            if offset:
-                lab[lab > 0] += offset
-            labels[next_frame] = lab
-            offset = max(offset, int(lab.max()) if lab.size else 0)
-            next_frame += 1
-            if progress is not None:
-                progress(next_frame, n, f"frame {next_frame}")
-
+    n = int(array.shape[0])
+    writer = _FrameWriter(labels, n, progress)
     if client is None:
         for k in range(n):
-            results[k] = _predict_frame(payload, np.asarray(array[k]), frame_axes, None, kwargs)
-            flush()
+            writer.add(k, _predict_frame(payload, np.asarray(array[k]), frame_axes, None, kwargs))
         return labels
 
     from distributed import as_completed
@@ -439,6 +437,50 @@ def predict_array(
         )  # fmt: skip
         futures[f] = k
     for f in as_completed(futures):
-        results[futures[f]] = f.result()
-        flush()
+        writer.add(futures[f], f.result())
     return labels
+
+
+def _frames_of(model: Segmenter, array: Any, axes: str) -> tuple[str, tuple[int, ...]]:
+    """Check that ``array`` can be cut into frames along its first axis; returns (the axes of
+    a frame, the shape of the labels)."""
+    from .segmenter import Segmenter
+
+    if not isinstance(model, Segmenter):
+        raise TypeError("model must be a Segmenter")
+    axes = axes.upper()
+    if len(axes) != len(array.shape):
+        raise ValueError(f"axes {axes!r} do not match the array's {len(array.shape)} dimensions")
+    lead = axes[0]
+    if lead != "T" and not (lead == "Z" and model.ndim == 2):
+        raise ValueError(
+            f"predict_array cuts the array along a leading T axis (or Z for a 2D model); the "
+            f"axes are {axes!r}"
+        )
+    out_shape = tuple(int(s) for a, s in zip(axes, array.shape, strict=True) if a != "C")
+    return axes[1:], out_shape
+
+
+@dataclass
+class _FrameWriter:
+    """Writes frame labels in frame order, each frame's ids shifted past those before it (so
+    ids are unique and do not depend on the order in which frames finish)."""
+
+    labels: Any
+    n: int
+    progress: Progress | None
+    next_frame: int = 0
+    offset: int = 0
+    waiting: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def add(self, k: int, lab: np.ndarray) -> None:
+        self.waiting[k] = lab
+        while self.next_frame in self.waiting:
+            lab = self.waiting.pop(self.next_frame).astype(np.int32)
+            if self.offset:
+                lab[lab > 0] += self.offset
+            self.labels[self.next_frame] = lab
+            self.offset = max(self.offset, int(lab.max()) if lab.size else 0)
+            self.next_frame += 1
+            if self.progress is not None:
+                self.progress(self.next_frame, self.n, f"frame {self.next_frame}")
