@@ -112,27 +112,134 @@ def instances_from_probabilities(
     for s in range(0, spatial[0], strip):
         np.greater(prob[1, s : s + strip], seed_threshold, out=seeds[s : s + strip])
     ndimage.label(seeds, output=labels)
-    del seeds
     if labels.max() == 0:
         return labels
     _relabel_sizes(labels, min_seed_size, strip)
+    seeds = labels > 0  # seeds that survived the size filter
+    _grow(prob, labels, seeds, 1.0 - foreground_threshold, strip, margin)
+    _relabel_sizes(labels, min_size, strip)
+    return labels
 
-    bg_max = 1.0 - foreground_threshold
-    n0 = spatial[0]
+
+def _grow(prob, labels, seeds, bg_max: float, strip: int, margin: int) -> None:
+    """Grow the seeds in ``labels`` over the foreground, in place.
+
+    Equal to a watershed of ``1 - interior`` from the seeds within the foreground, done where
+    it is needed only:
+
+    * a connected piece of foreground holding no seed stays background, one holding a single
+      seed becomes that object whole (most nuclei: no flooding at all);
+    * pieces with several seeds are flooded, over the pixels that are not seed plus the seed
+      pixels next to them (the inside of a seed can only pass on its own label), with the
+      elevation quantised to 256 levels (ties go to the seed that got there first).
+
+    On a 2048x2048 image of nuclei this floods about a third of the foreground pixels.
+    """
+    fg = prob[0] < bg_max
+    comp = np.empty(labels.shape, np.int32)
+    n = ndimage.label(fg, output=comp)
+    if n == 0:
+        labels[...] = 0
+        return
+    # the component of each seed, and the number of seeds per component
+    seed_comp = np.zeros(int(labels.max()) + 1, np.int64)
+    seed_comp[labels[seeds]] = comp[seeds]
+    per = np.bincount(seed_comp[1:], minlength=n + 1)
+    per[0] = 0
+    only = np.zeros(n + 1, labels.dtype)  # component -> its single seed's label
+    ones = np.flatnonzero(seed_comp[1:] > 0) + 1
+    single = per[seed_comp[ones]] == 1
+    only[seed_comp[ones[single]]] = ones[single]
+    many = per >= 2
+    del seed_comp
+    n0 = labels.shape[0]
     for start in range(0, n0, strip):
         stop = min(start + strip, n0)
         lo, hi = max(0, start - margin), min(n0, stop + margin)
-        fg = prob[0, lo:hi] < bg_max
-        if not fg.any():
-            continue
-        markers = labels[lo:hi].copy()
-        markers[~fg] = 0
-        # grow over "1 - interior": seeds flood the interior first, meet at boundaries
-        elevation = 1.0 - prob[1, lo:hi]
-        grown = watershed(elevation, markers=markers, mask=fg)
+        c = comp[lo:hi]
+        multi = many[c]
+        grown = only[c]
+        if multi.any():
+            sd = seeds[lo:hi]
+            # seed pixels that touch a pixel to flood pass their label on; the others cannot
+            open_ = multi & ~sd
+            edge = sd & multi & ndimage.binary_dilation(open_)
+            markers = np.where(edge, labels[lo:hi], 0)
+            if np.count_nonzero(open_) < SMALL_FLOOD:
+                ws = watershed(1.0 - prob[1, lo:hi], markers=markers, mask=open_ | edge)
+            else:
+                ws = flood(1.0 - prob[1, lo:hi], markers, open_)
+            inside = sd & multi
+            grown = np.where(inside, labels[lo:hi], np.where(open_, ws, grown))
         labels[start:stop] = grown[start - lo : stop - lo]
-    _relabel_sizes(labels, min_size, strip)
-    return labels
+
+
+#: Fewer pixels to flood than this go to skimage's watershed (faster on small areas, where the
+#: per-level overhead of :func:`flood` dominates); more go to :func:`flood`.
+SMALL_FLOOD = 1 << 17
+#: Elevation levels of :func:`flood` (the valley between two touching nuclei is found to 1/64
+#: of the interior probability).
+LEVELS = 64
+_OFFSETS_CACHE: dict[tuple[int, ...], np.ndarray] = {}
+
+
+def flood(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Seeded watershed: the pixels of ``mask`` take the label of the marker that floods them
+    first as the water rises over ``elevation`` (0..1), neighbours by faces (4 in 2D, 6 in 3D).
+
+    A priority flood on :data:`LEVELS` quantised levels: at each level a breadth-first front
+    moves from the labelled pixels into the unlabelled ``mask`` pixels up to that level, as
+    whole numpy arrays of pixel indices (no per-pixel Python). Mask pixels no marker reaches stay
+    0. Several times faster than :func:`skimage.segmentation.watershed` where most of the image
+    is to flood (noise-like predictions), with the same objects (measured on real images in
+    ``docs/benchmarks.md``). Returns the labels (markers included) as a new array.
+    """
+    shape = markers.shape
+    pad = [(1, 1)] * markers.ndim
+    lab = np.pad(markers.astype(np.int32, copy=False), pad).reshape(-1)
+    todo = np.pad(mask & (markers == 0), pad).reshape(-1)
+    lev = np.pad(
+        np.clip(elevation * LEVELS, 0, LEVELS - 1).astype(np.uint8), pad
+    ).reshape(-1)
+    dims = tuple(s + 2 for s in shape)
+    strides = np.cumprod((1,) + dims[::-1][:-1])[::-1]
+    offsets = np.concatenate([strides, -strides]).astype(np.int64)
+    buckets: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(LEVELS)]
+    front = np.flatnonzero(lab)
+    for k in range(LEVELS):
+        if buckets[k]:  # pixels above the water until now, reached from labelled neighbours
+            pix = np.concatenate([b[0] for b in buckets[k]])
+            val = np.concatenate([b[1] for b in buckets[k]])
+            buckets[k] = []
+            free = todo[pix]
+            pix, first = np.unique(pix[free], return_index=True)  # first come, first served
+            lab[pix] = val[free][first]
+            todo[pix] = False
+            front = np.concatenate([front, pix])
+        while front.size:
+            reached = []
+            for off in offsets:
+                nb = front + off
+                free = todo[nb]
+                if not free.any():
+                    continue
+                nb, val = nb[free], lab[front[free]]
+                level = lev[nb]
+                low = level <= k
+                if not low.all():  # wait in the bucket of their level
+                    high = ~low
+                    hn, hv, hl = nb[high], val[high], level[high]
+                    order = np.argsort(hl, kind="stable")
+                    hn, hv, hl = hn[order], hv[order], hl[order]
+                    cuts = np.flatnonzero(np.diff(hl)) + 1
+                    for a, b in zip(np.r_[0, cuts], np.r_[cuts, hl.size], strict=True):
+                        buckets[int(hl[a])].append((hn[a:b], hv[a:b]))
+                    nb, val = nb[low], val[low]
+                lab[nb] = val
+                todo[nb] = False
+                reached.append(nb)
+            front = np.unique(np.concatenate(reached)) if reached else np.empty(0, np.int64)
+    return lab.reshape(dims)[tuple(slice(1, -1) for _ in shape)].copy()
 
 
 def classes_from_probabilities(probabilities: np.ndarray, strip: int = 1024) -> np.ndarray:
