@@ -90,9 +90,11 @@ def test_progress_bar() -> None:
     buf = io.StringIO()
     bar = cli.ProgressBar(True, "tiles", stream=buf, width=10, min_interval=0)
     bar.update(12, 40)
-    assert buf.getvalue() == "\r[###.......] 12/40 tiles"
+    assert buf.getvalue().split("\r")[-1].rstrip() == "[###       ] 12/40 tiles"  # by tqdm
+    bar.update(20, 40, "half way")
+    assert buf.getvalue().split("\r")[-1].rstrip() == "[#####     ] half way"
     bar.close()
-    assert buf.getvalue().endswith("\r")
+    assert buf.getvalue().endswith("\r")  # erased: the result lines stay clean
     off = io.StringIO()
     cli.ProgressBar(False, stream=off).update(1, 2)
     assert off.getvalue() == ""
