@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from . import data
+from .axes import guess_axes, validate_axes
 
 if TYPE_CHECKING:
     from .segmenter import Segmenter
@@ -107,6 +107,46 @@ def uncertainty_iter(
     Closing the generator stops promptly (the napari Stop button). The map is the generator's
     return value.
     """
+    augs = _checked_augmentations(mode, augmentations, min_width)
+    image = _as_array(image)
+    shape = tuple(int(s) for s in image.shape)
+    axes = validate_axes(guess_axes(shape) if axes is None else axes, len(shape), shape)
+    keep = [a for a in axes if a != "C"]
+    spatial = tuple(s for a, s in zip(axes, shape, strict=True) if a != "C")
+    iy, ix = axes.index("Y"), axes.index("X")
+    py, px = 1 + keep.index("Y"), 1 + keep.index("X")  # in (K, *spatial) probabilities
+    if spatial[keep.index("Y")] != spatial[keep.index("X")] and len(augs) > 4:
+        augs = augs[:4]  # quarter turns would change a non-square plane's shape: flips only
+
+    k = int(segmenter.net.out_channels)
+    mean_p = np.zeros((k, *spatial), np.float32)
+    mean_h = np.zeros(spatial, np.float32) if mode == "disagreement" else None
+    progress = _Progress(len(augs))
+    for turns, flip in augs:
+        view = _forward(image, turns, flip, iy, ix)
+        pred = yield from progress.view(
+            segmenter.predict_iter(
+                view, axes, device=device, return_probabilities=True, **predict_kwargs
+            )
+        )
+        p = _inverse(pred.probabilities, turns, flip, py, px)
+        mean_p += p / len(augs)
+        if mean_h is not None:
+            mean_h += _entropy(p) / len(augs)
+        del pred, p
+    u = _entropy(mean_p)
+    if mean_h is not None:
+        u -= mean_h  # mutual information between the views
+    u /= math.log(k)
+    np.clip(u, 0.0, 1.0, out=u)
+    u = _open_yx(u, keep, int(min_width))
+    yield progress.total, progress.total
+    return u
+
+
+def _checked_augmentations(
+    mode: str, augmentations: int | None, min_width: int
+) -> tuple[tuple[int, bool], ...]:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if augmentations is None:
@@ -116,34 +156,28 @@ def uncertainty_iter(
         raise ValueError("mode='disagreement' needs at least 2 augmentations to compare")
     if min_width < 1:
         raise ValueError(f"min_width must be >= 1 pixel (1 keeps the raw map), not {min_width}")
-    if not hasattr(image, "shape") or not hasattr(image, "dtype"):
-        image = np.asarray(image)
-    elif not isinstance(image, np.ndarray) and not hasattr(image, "__array_function__"):
-        image = np.asarray(image)  # e.g. a zarr array: numpy's flips need an array
-    shape = tuple(int(s) for s in image.shape)
-    if axes is None:
-        axes = data.guess_axes(shape)
-    axes = data.validate_axes(axes, len(shape), shape)
-    keep = [a for a in axes if a != "C"]
-    spatial = tuple(s for a, s in zip(axes, shape, strict=True) if a != "C")
-    iy, ix = axes.index("Y"), axes.index("X")
-    py, px = 1 + keep.index("Y"), 1 + keep.index("X")  # in (K, *spatial) probabilities
-    if spatial[keep.index("Y")] != spatial[keep.index("X")] and len(augs) > 4:
-        augs = augs[:4]  # quarter turns would change a non-square plane's shape: flips only
+    return augs
 
-    k = int(segmenter.net.out_channels)
-    mean_p: np.ndarray | None = None
-    mean_h = np.zeros(spatial, np.float32) if mode == "disagreement" else None
-    done = 0
-    total: int | None = None
-    for turns, flip in augs:
-        gen = segmenter.predict_iter(
-            _forward(image, turns, flip, iy, ix),
-            axes,
-            device=device,
-            return_probabilities=True,
-            **predict_kwargs,
-        )
+
+def _as_array(image: Any) -> Any:
+    """numpy, or an array that numpy's flips work on (dask); anything else is read."""
+    if not hasattr(image, "shape") or not hasattr(image, "dtype"):
+        return np.asarray(image)
+    if not isinstance(image, np.ndarray) and not hasattr(image, "__array_function__"):
+        return np.asarray(image)  # e.g. a zarr array: numpy's flips need an array
+    return image
+
+
+class _Progress:
+    """``(done, total)`` over all views: ``total`` counts every view's network tiles."""
+
+    def __init__(self, n_views: int):
+        self.n_views = n_views
+        self.done = 0
+        self.total: int | None = None
+
+    def view(self, gen: Generator) -> Generator[tuple[int, int], None, Any]:
+        """Run one view's ``predict_iter``, re-yielding its progress; returns its result."""
         try:
             while True:
                 try:
@@ -151,32 +185,21 @@ def uncertainty_iter(
                 except StopIteration as stop:
                     pred = stop.value
                     break
-                if total is None:
-                    total = t * len(augs)
-                yield min(done + d, total - 1), total
+                if self.total is None:
+                    self.total = t * self.n_views
+                yield min(self.done + d, self.total - 1), self.total
         finally:
             gen.close()
-        done += t
-        p = _inverse(pred.probabilities, turns, flip, py, px)
-        if mean_p is None:
-            mean_p = np.zeros((k, *spatial), np.float32)
-        mean_p += p / len(augs)
-        if mean_h is not None:
-            mean_h += _entropy(p) / len(augs)
-        del pred, p
-    assert mean_p is not None and total is not None
-    u = _entropy(mean_p)
-    if mean_h is not None:
-        u -= mean_h  # mutual information between the views
-    u /= math.log(k)
-    np.clip(u, 0.0, 1.0, out=u)
+        self.done += t
+        return pred
+
+
+def _open_yx(u: np.ndarray, keep: list[str], min_width: int) -> np.ndarray:
+    """:func:`_open_planes` on the YX planes of ``u`` (axes ``keep``, Y and X anywhere)."""
     # 2D plane axes are the last two of the (T, Z, Y, X) subset only when Y, X come last
     order = [i for i, a in enumerate(keep) if a not in "YX"] + [keep.index("Y"), keep.index("X")]
-    u_yx = np.transpose(u, order)
-    u_yx = _open_planes(u_yx, int(min_width))
-    u = np.ascontiguousarray(np.transpose(u_yx, np.argsort(order)), dtype=np.float32)
-    yield total, total
-    return u
+    u_yx = _open_planes(np.transpose(u, order), min_width)
+    return np.ascontiguousarray(np.transpose(u_yx, np.argsort(order)), dtype=np.float32)
 
 
 def uncertainty_map(
@@ -343,38 +366,19 @@ def rank_regions(
     list of Region
         Sorted by decreasing score (ties: reading order).
     """
-    u = np.asarray(uncertainty)
-    if u.ndim < 2:
-        raise ValueError(f"the uncertainty map must have at least 2 axes (Y, X), got {u.shape}")
-    if not np.issubdtype(u.dtype, np.floating):
-        u = u.astype(np.float32)
-    if not np.all(np.isfinite(u)):
-        raise ValueError("the uncertainty map contains NaN or infinite values")
+    u = _checked_map(uncertainty)
     shape = u.shape
     rs = _region_shape(shape, region_shape)
     if not 0.0 <= background_weight <= 1.0:
         raise ValueError(f"background_weight must be in [0, 1], not {background_weight}")
     if top is not None and top < 1:
         raise ValueError(f"top must be a positive number of regions, not {top}")
-    w = None
-    if labels is not None:
-        lab = np.asarray(labels)
-        if lab.shape != shape:
-            raise ValueError(
-                f"labels have shape {lab.shape} but the uncertainty map has shape {shape}"
-            )
-        fg = lab > 0
-        if near > 0:
-            size = (1,) * (u.ndim - 2) + (2 * near + 1, 2 * near + 1)
-            fg = ndi.maximum_filter(fg, size=size, mode="constant")
-        w = np.where(fg, np.float32(1.0), np.float32(background_weight))
+    weighted = u if labels is None else u * _object_weights(labels, shape, near, background_weight)
     ex = None
     if exclude is not None:
         ex = np.asarray(exclude, bool)
         if ex.shape != shape:
             raise ValueError(f"exclude has shape {ex.shape} but the uncertainty map has {shape}")
-    weighted = u if w is None else u * w
-    if ex is not None:
         weighted = np.where(ex, 0, weighted)
 
     regions: list[Region] = []
@@ -389,3 +393,28 @@ def rank_regions(
         regions.append(Region(sl, start, score, centre))
     regions.sort(key=lambda r: -r.score)  # stable: ties keep reading order
     return regions[:top] if top is not None else regions
+
+
+def _checked_map(uncertainty: Any) -> np.ndarray:
+    u = np.asarray(uncertainty)
+    if u.ndim < 2:
+        raise ValueError(f"the uncertainty map must have at least 2 axes (Y, X), got {u.shape}")
+    if not np.issubdtype(u.dtype, np.floating):
+        u = u.astype(np.float32)
+    if not np.all(np.isfinite(u)):
+        raise ValueError("the uncertainty map contains NaN or infinite values")
+    return u
+
+
+def _object_weights(
+    labels: Any, shape: tuple[int, ...], near: int, background_weight: float
+) -> np.ndarray:
+    """1 within ``near`` pixels (in YX) of a labelled object, ``background_weight`` elsewhere."""
+    lab = np.asarray(labels)
+    if lab.shape != shape:
+        raise ValueError(f"labels have shape {lab.shape} but the uncertainty map has shape {shape}")
+    fg = lab > 0
+    if near > 0:
+        size = (1,) * (lab.ndim - 2) + (2 * near + 1, 2 * near + 1)
+        fg = ndi.maximum_filter(fg, size=size, mode="constant")
+    return np.where(fg, np.float32(1.0), np.float32(background_weight))
