@@ -8,12 +8,19 @@ Smoke run (1-3 minutes)::
 
     python benchmarks/bench_predict.py --quick
 
-Options: ``--parts abc`` (any subset), ``--threads N`` (torch intra-op threads, default: torch's
+Engine table (issue 13; about 6 minutes on 2 idle cores)::
+
+    python benchmarks/bench_predict.py --parts e --real ../shared/data/real/dsb2018-stage1-fluo
+
+Options: ``--parts eabc`` (any subset), ``--threads N`` (torch intra-op threads, default: torch's
 default = all cores), ``--tiles 256,512,1024`` (part a), ``--ref-sizes 1024`` (part c),
 ``--train-steps N``, ``--max-tries K``, ``--wait-quiet S``, ``--noisy F``.
 
 Parts
 -----
+e. End to end per inference engine vs the bare network, on generated nuclei and noise at
+   2048^2 and 4096^2 (and a real image with ``--real FOLDER``), post-processing alone too: see
+   ``benchmarks/_bench_engines.py``.
 a. ``Segmenter.predict`` of a 4096x4096 uint16 image (a 1024x1024 ``make_nuclei`` image tiled
    4x4) with the default model (``Segmenter.new()``: base 16, depth 3), after a short training
    (``--train-steps``, default 60 steps of ``Segmenter.finetune`` with its defaults) on two
@@ -456,7 +463,8 @@ def main() -> None:
         "(default 20, quick 0)",
     )
     ap.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
-    ap.add_argument("--parts", default="abc")
+    ap.add_argument("--parts", default="eabc")
+    ap.add_argument("--real", default=None, help="part e: a folder of images/*.tif (DSB2018)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     ap.add_argument("--train-steps", type=int, default=None, help="default 60 (quick: 3)")
     ap.add_argument("--tiles", default=None, help="part a tile sizes, default 256,512,1024")
@@ -493,6 +501,14 @@ def main() -> None:
     C.header("bench_predict")
     t_start = time.perf_counter()
 
+    outputs = []
+    if "e" in args.parts:
+        from _bench_engines import part_e
+
+        outputs.append(part_e(args))
+    if not set(args.parts) & set("abc"):
+        print("\n".join(outputs))
+        return
     seg, info = train_default(args.train_steps, args.threads)
     print(
         f"default model trained {info['seconds']:.0f} s ({info['steps']} steps) on two 256x256 "
@@ -501,7 +517,6 @@ def main() -> None:
         flush=True,
     )
     base, _ = make_nuclei((512, 512) if args.quick else (1024, 1024), seed=7)
-    outputs = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = seg.save(Path(tmp) / "model")
         base_path = Path(tmp) / "base.npy"
