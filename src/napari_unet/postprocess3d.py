@@ -13,13 +13,26 @@ probabilities with the voxel anisotropy, in three steps:
    (h-maxima), so two nuclei joined by a neck are two seeds.
 2. **Growth.** Seeds grow by watershed over the smoothed foreground (``-distance`` inside the
    core, ``1 - interior`` outside).
-3. **Where the signal ends.** Every object's Z profile of the image signal (sum over the object's
-   pixels of each slice of ``image - background``) is cut at each valley deeper than ``valley``
-   times the lower of the two peaks beside it (two stacked nuclei), and its slices under
-   ``trim`` times the peak of their part are dropped (the haze above and below a nucleus).
+3. **Where the signal ends.** A 2D network's interior flickers from slice to slice, so one
+   nucleus can come out as two or three seeds stacked in Z. Objects that touch in Z over at
+   least ``contact`` of the smaller one's largest cross-section are first joined
+   (:func:`merge_stacked`); then every object's Z profile of the image signal (sum over the
+   object's pixels of each slice of ``image - background``) is cut at each valley deeper than
+   ``valley`` times the lower of the two peaks beside it (two stacked nuclei), and its slices
+   under ``trim`` times the peak of their part are dropped (the haze above and below a
+   nucleus). So the image, not the flicker of the network, decides whether a column is one
+   nucleus or two.
+4. **Faint objects.** An object whose mean signal above the background is under
+   ``min_contrast`` times the median object's is dropped (:func:`drop_faint`): on noisy
+   volumes a 2D network calls patches of background noise "interior".
+
+The defaults were chosen on the stacked probabilities of the 2D starter over the two shared real
+volumes (at three zooms of the ovule) and seven generated ones (``benchmarks/real_3d.py``,
+``docs/benchmarks.md``).
 
 For volumes too big to assemble at once the slices are linked one after the other by
-:class:`SliceLinker`, which applies the rules of step 3 as it goes.
+:class:`SliceLinker`, which applies the Z-profile rules of step 3 as it goes (with its own
+thresholds; it does not join stacked objects).
 """
 
 from __future__ import annotations
@@ -33,10 +46,19 @@ from skimage.segmentation import watershed
 
 from .metrics import _overlap
 
-__all__ = ["instances_3d_from_stack", "split_by_z_profile", "SliceLinker", "relative_spacing"]
+__all__ = [
+    "instances_3d_from_stack",
+    "merge_stacked",
+    "split_by_z_profile",
+    "drop_faint",
+    "SliceLinker",
+    "relative_spacing",
+]
 
 #: Default seed height ``h`` as a fraction of the median core radius.
 H_FRACTION = 0.3
+#: Defaults of the Z rules (see :func:`instances_3d_from_stack`).
+CONTACT, VALLEY, TRIM, MIN_CONTRAST = 0.65, 0.9, 0.2, 0.25
 
 
 def relative_spacing(spacing: Any, ndim: int = 3) -> np.ndarray:
@@ -94,8 +116,8 @@ def split_by_z_profile(
     labels: np.ndarray,
     image: np.ndarray | None,
     *,
-    valley: float = 0.7,
-    trim: float = 0.15,
+    valley: float = VALLEY,
+    trim: float = TRIM,
 ) -> np.ndarray:
     """Split objects whose Z profile of signal has a deep valley; drop their faint end slices.
 
@@ -143,14 +165,100 @@ def split_by_z_profile(
     return labels
 
 
-def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= max(min_size, 1)
+def _keep(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Relabel in place: ids with ``keep[id]`` become 1..N in order, the others background."""
+    keep = np.asarray(keep, bool).copy()
     keep[0] = False
-    lut = np.zeros(sizes.shape[0], np.int32)
+    lut = np.zeros(keep.shape[0], np.int32)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     labels[...] = lut[labels]
     return labels
+
+
+def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    return _keep(labels, np.bincount(labels.ravel()) >= max(min_size, 1))
+
+
+def merge_stacked(labels: np.ndarray, contact: float = CONTACT) -> np.ndarray:
+    """Join objects that lie on top of each other in Z, face to face.
+
+    Two objects are joined when the pixels where one sits right above the other (slice z and
+    z + 1) number at least ``contact`` times the larger cross-section (pixels in one slice) of
+    the smaller object. Side-by-side neighbours touch in Z only along their rim and stay apart.
+    Meant to be followed by :func:`split_by_z_profile`, which cuts a column again where its
+    signal has a valley (two real nuclei).
+
+    Parameters
+    ----------
+    labels
+        int ``(Z, Y, X)`` instance labels (changed in place and returned, ids 1..N).
+    contact
+        Fraction of the smaller object's largest cross-section (0 disables).
+    """
+    n = int(labels.max()) if labels.size else 0
+    if contact <= 0 or labels.ndim != 3 or labels.shape[0] < 2 or n < 2:
+        return labels
+    area = _z_profiles(labels, None).max(axis=1)
+    a, b = labels[:-1], labels[1:]
+    face = (a > 0) & (b > 0) & (a != b)
+    lo = np.minimum(a[face], b[face]).astype(np.int64)
+    hi = np.maximum(a[face], b[face]).astype(np.int64)
+    keys, counts = np.unique(lo * (n + 1) + hi, return_counts=True)
+    pa, pb = keys // (n + 1), keys % (n + 1)
+    ok = counts >= contact * np.minimum(area[pa], area[pb])
+    if not ok.any():
+        return labels
+    parent = np.arange(n + 1)
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for x, y in zip(pa[ok].tolist(), pb[ok].tolist(), strict=True):
+        rx, ry = root(x), root(y)
+        if rx != ry:
+            parent[max(rx, ry)] = min(rx, ry)
+    roots = np.array([root(i) for i in range(n + 1)])
+    _, lut = np.unique(roots, return_inverse=True)  # root 0 (background) stays 0
+    labels[...] = lut.astype(np.int32).ravel()[labels]
+    return labels
+
+
+def drop_faint(
+    labels: np.ndarray, image: np.ndarray | None, min_contrast: float = MIN_CONTRAST
+) -> np.ndarray:
+    """Drop objects whose mean signal is barely above the background.
+
+    The contrast of an object is its mean ``image`` minus the median of the background
+    (``labels == 0``); objects under ``min_contrast`` times the median contrast of all objects
+    become background. The rule is relative, so it does not depend on the image's scale or on
+    how bright the nuclei are, only on how they compare with each other.
+
+    Parameters
+    ----------
+    labels
+        int instance labels (changed in place and returned, ids 1..N).
+    image
+        Intensities of the same shape (None: nothing is dropped).
+    min_contrast
+        Fraction of the median object contrast (0 disables).
+    """
+    n = int(labels.max()) if labels.size else 0
+    if image is None or min_contrast <= 0 or n == 0:
+        return labels
+    if image.shape != labels.shape:
+        raise ValueError(f"image has shape {image.shape}, labels {labels.shape}")
+    counts = np.bincount(labels.ravel(), minlength=n + 1)
+    sums = np.bincount(labels.ravel(), weights=image.ravel(), minlength=n + 1)
+    contrast = sums / np.maximum(counts, 1) - _background_level(image, labels)
+    present = counts > 0
+    present[0] = False
+    ref = float(np.median(contrast[present])) if present.any() else 0.0
+    if ref <= 0:
+        return labels
+    return _keep(labels, present & (contrast >= min_contrast * ref))
 
 
 def instances_3d_from_stack(
@@ -162,8 +270,10 @@ def instances_3d_from_stack(
     foreground_threshold: float = 0.5,
     smooth: float = 2.0,
     h: float | None = None,
-    valley: float = 0.7,
-    trim: float = 0.15,
+    contact: float = CONTACT,
+    valley: float = VALLEY,
+    trim: float = TRIM,
+    min_contrast: float = MIN_CONTRAST,
     min_size: int | None = None,
     min_seed_size: int | None = None,
     out: np.ndarray | None = None,
@@ -189,8 +299,14 @@ def instances_3d_from_stack(
         Height, in in-plane pixels of distance, a core's peak must stand above the saddle with
         a neighbour to be a seed of its own; larger merges more. Default: ``H_FRACTION`` times
         the median radius of the cores (so the rule does not depend on the nuclei's size).
+    contact
+        Objects stacked face to face in Z over this fraction of the smaller one's largest
+        cross-section are joined before the Z-profile rules (:func:`merge_stacked`; 0 disables).
     valley, trim
         Z-profile rules, see :func:`split_by_z_profile` (``valley=0`` and ``trim=0`` disable).
+    min_contrast
+        Objects fainter than this fraction of the median object's contrast are dropped
+        (:func:`drop_faint`; needs ``image``; 0 disables).
     min_size, min_seed_size
         Smallest object / seed in isotropic voxels at the in-plane resolution (default 40 / 8).
     out
@@ -247,8 +363,10 @@ def instances_3d_from_stack(
     elevation[core] = -dist[core]
     labels[...] = watershed(elevation, markers=markers, mask=fg_mask)
     del elevation, dist, interior
+    merge_stacked(labels, contact)
     if valley > 0 or trim > 0:
         split_by_z_profile(labels, image, valley=valley, trim=trim)
+    drop_faint(labels, image, min_contrast)
     return _drop_small(labels, int(np.ceil(min_size / vox)))
 
 
