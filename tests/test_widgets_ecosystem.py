@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
+from napari_unet._widgets import _model_files as model_files  # noqa: E402
 from napari_unet._widgets import models as models_mod  # noqa: E402
 from napari_unet._widgets.models import ModelManagerWidget  # noqa: E402
 from napari_unet.segmenter import Segmenter  # noqa: E402
@@ -18,13 +19,14 @@ def test_export_to_bioimageio_button(viewer_session, qtbot, tmp_path, monkeypatc
     viewer, session = viewer_session
     got = {"info": [], "error": []}
     for kind in got:
-        monkeypatch.setattr(models_mod, f"show_{kind}", got[kind].append)
+        for module in (models_mod, model_files):
+            monkeypatch.setattr(module, f"show_{kind}", got[kind].append)
     monkeypatch.setattr(models_mod, "_starter_entry", lambda: None)
     session.set_segmenter(Segmenter.new(base_channels=4, depth=2), name="tiny")
     w = ModelManagerWidget(viewer)
     target = tmp_path / "tiny"  # the dialog's answer without the suffix
     monkeypatch.setattr(
-        models_mod.QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), "")
+        model_files.QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), "")
     )
     w.bioimageio_button.click()
     worker = w._export_worker

@@ -11,6 +11,8 @@ pytest.importorskip("pytestqt")
 
 import torch  # noqa: E402
 
+from napari_unet._widgets import _model_dialogs  # noqa: E402
+from napari_unet._widgets import _model_files as model_files  # noqa: E402
 from napari_unet._widgets import models as models_mod  # noqa: E402
 from napari_unet._widgets._session import session_for  # noqa: E402
 from napari_unet._widgets.models import ModelManagerWidget  # noqa: E402
@@ -30,7 +32,8 @@ def same_weights(a: dict, b: dict) -> bool:
 def messages(monkeypatch):
     got: dict[str, list[str]] = {"error": [], "info": []}
     for kind, sink in got.items():
-        monkeypatch.setattr(models_mod, f"show_{kind}", sink.append)
+        for module in (models_mod, model_files):  # the widget and its file operations
+            monkeypatch.setattr(module, f"show_{kind}", sink.append)
     return got
 
 
@@ -206,7 +209,7 @@ def test_export_import_round_trip(widget, messages, tmp_path, monkeypatch):
     info = w.import_path(file)
     assert info is not None and info.name == "tiny (imported)"
     # the folder form, picked through the button (its config.json)
-    monkeypatch.setattr(models_mod, "ask_open_path", lambda *a: str(folder / "config.json"))
+    monkeypatch.setattr(_model_dialogs, "ask_open_path", lambda *a: str(folder / "config.json"))
     w.import_button.click()
     assert w.model_names() == ["tiny", "tiny (imported 2)", "tiny (imported)"]
     assert s.model_name == "tiny"
@@ -217,7 +220,7 @@ def test_export_import_round_trip(widget, messages, tmp_path, monkeypatch):
 
     # nothing selected: Export… writes the model in use
     w.table.clearSelection()
-    monkeypatch.setattr(models_mod, "ask_save_path", lambda *a: str(tmp_path / "current"))
+    monkeypatch.setattr(_model_dialogs, "ask_save_path", lambda *a: str(tmp_path / "current"))
     w.export_button.click()
     assert same_weights(Segmenter.load(tmp_path / "current").net.state_dict(), want)
     assert not messages["error"], messages

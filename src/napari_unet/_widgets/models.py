@@ -14,37 +14,39 @@ the core's plain message.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import weakref
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
-    QAbstractItemView,
     QComboBox,
-    QFileDialog,
     QGridLayout,
-    QHeaderView,
-    QInputDialog,
     QLabel,
-    QMessageBox,
     QPushButton,
     QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
 from ..segmenter import TASKS, Segmenter
-from ..store import ModelFileError, ModelInfo, read_config, save_model
+from ..store import ModelFileError, ModelInfo, read_config
 from . import _layers
+from ._messages import user_message
+from ._model_dialogs import ask_open_path, ask_save_path, ask_text, ask_yes_no  # noqa: F401
+from ._model_files import ModelFiles
+from ._model_table import (  # noqa: F401 - the names of before the split
+    MODEL_COLUMNS,
+    VERSION_COLUMNS,
+    Entry,
+    _item,
+    _table,
+    fill_models,
+    fill_versions,
+    steps_trained,
+)
 from ._session import session_for
-from ._workers import user_message
 
 if TYPE_CHECKING:
     import napari
@@ -55,110 +57,6 @@ logger = logging.getLogger(__name__)
 
 #: Name of the starter model shipped with the package (read-only).
 STARTER = "nuclei"
-
-MODEL_COLUMNS = ("Name", "Version", "Task", "Val score", "Created", "Trained on")
-VERSION_COLUMNS = ("Version", "Created", "Steps", "Val score", "Trained on")
-
-_IMPORT_FILTER = "napari-unet models (*.safetensors config.json);;All files (*)"
-_EXPORT_FILE_FILTER = "Single model file (*.safetensors)"
-_EXPORT_FOLDER_FILTER = "Model folder (any name)"
-
-
-# ----------------------------------------------------------------------------- formatting
-def _short_time(iso: str | None) -> str:
-    """``2024-05-01T12:34:56+02:00`` -> ``2024-05-01 12:34`` in local time; odd text as is."""
-    if not iso:
-        return "–"
-    try:
-        t = _dt.datetime.fromisoformat(str(iso))
-    except ValueError:
-        return str(iso)
-    if t.tzinfo is not None:
-        t = t.astimezone()
-    return t.strftime("%Y-%m-%d %H:%M")
-
-
-def _short_list(names: list[str], keep: int = 2) -> str:
-    if not names:
-        return "–"
-    shown = ", ".join(names[:keep])
-    return shown if len(names) <= keep else f"{shown} +{len(names) - keep}"
-
-
-def _score(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
-def steps_trained(config: dict[str, Any]) -> int:
-    """Total training steps recorded in a config's ``"history"``."""
-    total = 0
-    history = config.get("history")
-    if isinstance(history, list):
-        for entry in history:
-            steps = entry.get("steps") if isinstance(entry, dict) else None
-            if isinstance(steps, int) and not isinstance(steps, bool):
-                total += steps
-    return total
-
-
-def _trained_on(config: dict[str, Any]) -> list[str]:
-    value = config.get("trained_on")
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return []
-
-
-# ----------------------------------------------------------------------------- dialogs
-# Module-level so tests (and the buttons) can replace them; each returns None when cancelled.
-def ask_text(parent: QWidget, title: str, label: str, text: str = "") -> str | None:
-    value, ok = QInputDialog.getText(parent, title, label, text=text)
-    return value.strip() if ok else None
-
-
-def ask_yes_no(parent: QWidget, title: str, text: str) -> bool:
-    yes, no = QMessageBox.StandardButton.Yes, QMessageBox.StandardButton.No
-    return QMessageBox.question(parent, title, text, yes | no, no) == yes
-
-
-def ask_open_path(parent: QWidget) -> str | None:
-    path, _ = QFileDialog.getOpenFileName(
-        parent,
-        "Import a model: a .safetensors file, or the config.json inside a model folder",
-        "",
-        _IMPORT_FILTER,
-    )
-    return path or None
-
-
-def ask_save_path(parent: QWidget, suggested: str) -> str | None:
-    path, chosen = QFileDialog.getSaveFileName(
-        parent,
-        "Export the model (a .safetensors file, or a folder with the folder filter)",
-        suggested,
-        f"{_EXPORT_FILE_FILTER};;{_EXPORT_FOLDER_FILTER}",
-    )
-    if not path:
-        return None
-    if chosen == _EXPORT_FILE_FILTER and Path(path).suffix.lower() != ".safetensors":
-        path += ".safetensors"
-    return path
-
-
-# ----------------------------------------------------------------------------- rows
-@dataclass
-class Entry:
-    """One row of the models table: a registry model (latest version) or the starter model."""
-
-    name: str
-    starter: bool
-    info: ModelInfo | None  # latest version (registry) or None (starter)
-    config: dict[str, Any]
-
-    @property
-    def key(self) -> tuple[bool, str]:
-        return (self.starter, self.name)
 
 
 def _starter_entry() -> Entry | None:
@@ -177,35 +75,8 @@ def _starter_entry() -> Entry | None:
     return Entry(STARTER, True, None, config)
 
 
-def _item(text: str, tip: str | None = None) -> QTableWidgetItem:
-    it = QTableWidgetItem(text)
-    it.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
-    if tip:
-        it.setToolTip(tip)
-    return it
-
-
-def _table(columns: tuple[str, ...]) -> QTableWidget:
-    t = QTableWidget(0, len(columns))
-    t.setHorizontalHeaderLabels(list(columns))
-    t.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-    t.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-    t.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-    t.verticalHeader().setVisible(False)
-    t.setWordWrap(False)
-    header = t.horizontalHeader()
-    header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-    # "Trained on" comes last, takes the width that is left and elides its text (the whole
-    # list is its tooltip): sized to its contents in the middle, it pushed the scores and
-    # dates behind a horizontal scrollbar
-    header.setSectionResizeMode(len(columns) - 1, QHeaderView.ResizeMode.Stretch)
-    header.setMinimumSectionSize(40)
-    t.setTextElideMode(Qt.TextElideMode.ElideRight)
-    return t
-
-
 # ----------------------------------------------------------------------------- widget
-class ModelManagerWidget(QWidget):
+class ModelManagerWidget(ModelFiles, QWidget):
     """The viewer's saved models: pick one to use, manage names and versions, share files."""
 
     # emitted by the session listener; a queued delivery when the session emits off the GUI thread
@@ -222,82 +93,8 @@ class ModelManagerWidget(QWidget):
         self._entries: list[Entry] = []
         self._versions: list[ModelInfo] = []
 
-        self.in_use_label = QLabel()
-        self.in_use_label.setWordWrap(True)
-        self.table = _table(MODEL_COLUMNS)
-        self.versions_label = QLabel("Versions")
-        self.versions_table = _table(VERSION_COLUMNS)
-
-        self.load_button = QPushButton("Load")
-        self.load_button.setToolTip("use the selected model (version) in this viewer")
-        self.save_as_button = QPushButton("Save as…")
-        self.save_as_button.setToolTip("save the model in use under a name (adds a version)")
-        self.rename_button = QPushButton("Rename…")
-        self.delete_button = QPushButton("Delete")
-        self.delete_button.setToolTip("delete the selected model and all its versions")
-        self.rollback_button = QPushButton("Roll back")
-        self.rollback_button.setToolTip(
-            "copy the selected version as the newest version (history is kept) and use it"
-        )
-        self.import_button = QPushButton("Import file…")
-        self.import_button.setToolTip(
-            "add a model file to the list: a .safetensors file or the config.json of a model folder"
-        )
-        self.export_button = QPushButton("Export…")
-        self.export_button.setToolTip(
-            "save the selected model version (or the model in use when nothing is selected) "
-            "to a file or folder"
-        )
-        self.bioimageio_button = QPushButton("Export to bioimage.io…")
-        self.bioimageio_button.setToolTip(
-            "write the selected model (or the model in use) as a bioimage.io package (.zip)"
-        )
-        self.refresh_button = QPushButton("Refresh")
-        self.new_button = QPushButton("New untrained")
-        self.new_button.setToolTip("start from an untrained model (not saved until trained)")
-        self.task_combo = QComboBox()
-        self.task_combo.addItems(TASKS)
-        self.task_combo.setToolTip(
-            "instance: separate objects with ids; semantic: a class per pixel"
-        )
-        self.channels_spin = QSpinBox()
-        self.channels_spin.setRange(1, 64)
-        self.channels_spin.setToolTip("image channels the new model takes (1 = grey, 3 = RGB)")
-        self.classes_spin = QSpinBox()
-        self.classes_spin.setRange(2, 255)
-        self.classes_spin.setToolTip("classes of a semantic model, background included")
-
-        grid = QGridLayout()
-        for i, b in enumerate(
-            (
-                self.load_button,
-                self.save_as_button,
-                self.rename_button,
-                self.delete_button,
-                self.rollback_button,
-                self.import_button,
-                self.export_button,
-                self.refresh_button,
-            )
-        ):
-            grid.addWidget(b, i // 4, i % 4)
-        new_row = QGridLayout()
-        new_row.addWidget(self.new_button, 0, 0, 1, 2)
-        new_row.addWidget(self.task_combo, 0, 2, 1, 2)
-        new_row.addWidget(QLabel("channels"), 1, 0, Qt.AlignmentFlag.AlignRight)
-        new_row.addWidget(self.channels_spin, 1, 1)
-        new_row.addWidget(QLabel("classes"), 1, 2, Qt.AlignmentFlag.AlignRight)
-        new_row.addWidget(self.classes_spin, 1, 3)
-
-        layout = QVBoxLayout(self)
-        layout.addWidget(self.in_use_label)
-        layout.addWidget(self.table, 3)
-        layout.addWidget(self.versions_label)
-        layout.addWidget(self.versions_table, 2)
-        layout.addLayout(grid)
-        layout.addWidget(self.bioimageio_button)
-        layout.addLayout(new_row)
-
+        self._build()
+        self._lay_out()
         self.table.itemSelectionChanged.connect(self._on_model_selected)
         self.versions_table.itemSelectionChanged.connect(self._update_buttons)
         # bound methods only (no lambdas holding self): the widget must not outlive the viewer
@@ -317,6 +114,82 @@ class ModelManagerWidget(QWidget):
         self.session.model_changed.connect(self._on_model_changed)
         self._update_new_inputs()
         self.refresh()
+
+    def _build(self) -> None:
+        self.in_use_label = QLabel()
+        self.in_use_label.setWordWrap(True)
+        self.table = _table(MODEL_COLUMNS)
+        self.versions_label = QLabel("Versions")
+        self.versions_table = _table(VERSION_COLUMNS)
+        self.load_button = _button("Load", "use the selected model (version) in this viewer")
+        self.save_as_button = _button(
+            "Save as…", "save the model in use under a name (adds a version)"
+        )
+        self.rename_button = _button("Rename…")
+        self.delete_button = _button("Delete", "delete the selected model and all its versions")
+        self.rollback_button = _button(
+            "Roll back",
+            "copy the selected version as the newest version (history is kept) and use it",
+        )
+        self.import_button = _button(
+            "Import file…",
+            "add a model file to the list: a .safetensors file or the config.json of a model "
+            "folder",
+        )
+        self.export_button = _button(
+            "Export…",
+            "save the selected model version (or the model in use when nothing is selected) "
+            "to a file or folder",
+        )
+        self.bioimageio_button = _button(
+            "Export to bioimage.io…",
+            "write the selected model (or the model in use) as a bioimage.io package (.zip)",
+        )
+        self.refresh_button = _button("Refresh")
+        self.new_button = _button(
+            "New untrained", "start from an untrained model (not saved until trained)"
+        )
+        self.task_combo = QComboBox()
+        self.task_combo.addItems(TASKS)
+        self.task_combo.setToolTip(
+            "instance: separate objects with ids; semantic: a class per pixel"
+        )
+        self.channels_spin = QSpinBox()
+        self.channels_spin.setRange(1, 64)
+        self.channels_spin.setToolTip("image channels the new model takes (1 = grey, 3 = RGB)")
+        self.classes_spin = QSpinBox()
+        self.classes_spin.setRange(2, 255)
+        self.classes_spin.setToolTip("classes of a semantic model, background included")
+
+    def _lay_out(self) -> None:
+        grid = QGridLayout()
+        buttons = (
+            self.load_button,
+            self.save_as_button,
+            self.rename_button,
+            self.delete_button,
+            self.rollback_button,
+            self.import_button,
+            self.export_button,
+            self.refresh_button,
+        )
+        for i, b in enumerate(buttons):
+            grid.addWidget(b, i // 4, i % 4)
+        new_row = QGridLayout()
+        new_row.addWidget(self.new_button, 0, 0, 1, 2)
+        new_row.addWidget(self.task_combo, 0, 2, 1, 2)
+        new_row.addWidget(QLabel("channels"), 1, 0, Qt.AlignmentFlag.AlignRight)
+        new_row.addWidget(self.channels_spin, 1, 1)
+        new_row.addWidget(QLabel("classes"), 1, 2, Qt.AlignmentFlag.AlignRight)
+        new_row.addWidget(self.classes_spin, 1, 3)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.in_use_label)
+        layout.addWidget(self.table, 3)
+        layout.addWidget(self.versions_label)
+        layout.addWidget(self.versions_table, 2)
+        layout.addLayout(grid)
+        layout.addWidget(self.bioimageio_button)
+        layout.addLayout(new_row)
 
     # ------------------------------------------------------------------ lifecycle
     def shutdown(self) -> None:
@@ -459,45 +332,8 @@ class ModelManagerWidget(QWidget):
         starter_tag = " (starter)" if in_use is not None and in_use[0] else ""
         self.in_use_label.setText(f"in use: {name}{starter_tag}{seg_text}{saved}")
 
-        t = self.table
-        t.blockSignals(True)
-        try:
-            t.clearSelection()
-            t.setRowCount(len(entries))
-            select_row = None
-            for r, e in enumerate(entries):
-                cfg = e.config
-                if e.starter:
-                    label, version, created = f"starter: {e.name}", "built-in", cfg.get("created")
-                    task, trained, score = cfg.get("task"), _trained_on(cfg), cfg.get("val_score")
-                    score = score if isinstance(score, (int, float)) else None
-                else:
-                    assert e.info is not None
-                    label, version, created = e.name, f"v{e.info.version}", e.info.created
-                    task, trained, score = e.info.task, e.info.trained_on, e.info.val_score
-                using = in_use == e.key
-                tip = "in use in this viewer" if using else None
-                cells = [
-                    _item(("● " if using else "") + label, tip or label),
-                    _item(version),
-                    _item(str(task or "–")),
-                    _item(_score(score)),
-                    _item(_short_time(created), str(created or "") or None),
-                    _item(_short_list(trained), "\n".join(trained) or None),
-                ]
-                for c, it in enumerate(cells):
-                    if using:
-                        font = it.font()
-                        font.setBold(True)
-                        it.setFont(font)
-                    t.setItem(r, c, it)
-                if e.key == prev_key:
-                    select_row = r
-            if select_row is not None:
-                t.selectRow(select_row)
-        finally:
-            t.blockSignals(False)
-        self._fill_versions(prev_version if select_row is not None else None)
+        kept = fill_models(self.table, entries, in_use, prev_key)
+        self._fill_versions(prev_version if kept else None)
         self._update_buttons()
 
     def _on_model_selected(self) -> None:
@@ -506,44 +342,18 @@ class ModelManagerWidget(QWidget):
 
     def _fill_versions(self, keep_version: int | None = None) -> None:
         e = self.selected_entry()
-        vt = self.versions_table
-        vt.blockSignals(True)
-        try:
-            vt.clearSelection()
-            self._versions = []
-            if e is None:
-                self.versions_label.setText("Versions (select a model)")
-            elif e.starter:
-                self.versions_label.setText(f"Versions of starter: {e.name} (built-in, read-only)")
-            else:
-                try:
-                    self._versions = list(reversed(self.registry.versions(e.name)))
-                except (ModelFileError, OSError, ValueError) as err:
-                    logger.info("cannot list versions of %s: %s", e.name, err)
-                self.versions_label.setText(f"Versions of {e.name} (newest first)")
-            vt.setRowCount(len(self._versions))
-            select_row = None
-            for r, info in enumerate(self._versions):
-                cfg = info.config
-                vtext = f"v{info.version}"
-                src = cfg.get("rolled_back_from")
-                if isinstance(src, int) and not isinstance(src, bool):
-                    vtext += f" (copy of v{src})"
-                cells = [
-                    _item(vtext),
-                    _item(_short_time(info.created), info.created or None),
-                    _item(str(steps_trained(cfg))),
-                    _item(_score(info.val_score)),
-                    _item(_short_list(info.trained_on, 3), "\n".join(info.trained_on) or None),
-                ]
-                for c, it in enumerate(cells):
-                    vt.setItem(r, c, it)
-                if info.version == keep_version:
-                    select_row = r
-            if select_row is not None:
-                vt.selectRow(select_row)
-        finally:
-            vt.blockSignals(False)
+        self._versions = []
+        if e is None:
+            self.versions_label.setText("Versions (select a model)")
+        elif e.starter:
+            self.versions_label.setText(f"Versions of starter: {e.name} (built-in, read-only)")
+        else:
+            try:
+                self._versions = list(reversed(self.registry.versions(e.name)))
+            except (ModelFileError, OSError, ValueError) as err:
+                logger.info("cannot list versions of %s: %s", e.name, err)
+            self.versions_label.setText(f"Versions of {e.name} (newest first)")
+        fill_versions(self.versions_table, self._versions, keep_version)
 
     def _update_buttons(self) -> None:
         if self._closed:
@@ -747,82 +557,6 @@ class ModelManagerWidget(QWidget):
         show_info(f"new untrained {task} model {name!r} ({channels} channel(s)) in use")
         return seg
 
-    def import_path(self, path: str | Path, name: str | None = None) -> ModelInfo | None:
-        """Add a model file or folder to the registry (under a free name) without using it."""
-        p = Path(path)
-        try:
-            seg = Segmenter.load(p)
-            base = name or self._import_name(p, seg.config)
-            final = base
-            if name is None:
-                k = 2
-                while self.registry.exists(final):
-                    final = f"{base} (imported)" if k == 2 else f"{base} (imported {k - 1})"
-                    k += 1
-            config = dict(seg.config)
-            config["name"] = final
-            info = self.registry.save(final, seg.net.state_dict(), config)
-        except Exception as err:  # noqa: BLE001
-            show_error(user_message(err))
-            return None
-        show_info(f"imported {p.name} as {final!r} v{info.version}")
-        self.refresh()
-        self.select(final, info.version)
-        return info
-
-    def _import_name(self, p: Path, config: dict[str, Any]) -> str:
-        """A usable registry name for an imported model: its config name, else its file name."""
-        from ..store import validate_name
-
-        if p.name == "config.json" or p.name == "weights.safetensors":
-            stem = p.parent.name
-        elif p.is_dir():
-            stem = p.name
-        else:
-            stem = p.stem
-        for cand in (config.get("name"), stem, "imported"):
-            if not isinstance(cand, str) or cand in ("", "untitled"):
-                continue
-            try:
-                return validate_name(cand)
-            except ValueError:
-                continue
-        return "imported"
-
-    def export_path(
-        self, path: str | Path, name: str | None = None, version: int | None = None
-    ) -> Path | None:
-        """Save a model to ``path`` (a ``.safetensors`` file, else a folder).
-
-        Exports the named (or selected) registry model version, or the starter; with nothing
-        selected and no name, the model in use.
-        """
-        try:
-            e = self.entry(name) if name is not None else self.selected_entry()
-            if name is not None and e is None:
-                raise ModelFileError(f"no model named {name!r} in {self.registry.root}")
-            if e is None:
-                seg = self.session.segmenter
-                config = dict(seg.config)
-                config["name"] = self.session.model_name
-                out = save_model(path, seg.net.state_dict(), config)
-                what = f"the model in use ({self.session.model_name!r})"
-            elif e.starter:
-                out = Segmenter.pretrained(e.name).save(path)
-                what = f"the starter model {e.name!r}"
-            else:
-                version = self._version_for(e, name, version)
-                state, config = self.registry.load(e.name, version)
-                config = {k: v for k, v in config.items() if k not in ("format", "format_version")}
-                config["name"] = e.name
-                out = save_model(path, state, config)
-                what = f"{e.name!r} " + (f"v{version}" if version is not None else "(latest)")
-        except Exception as err:  # noqa: BLE001
-            show_error(user_message(err))
-            return None
-        show_info(f"exported {what} to {out}")
-        return Path(out)
-
     # ------------------------------------------------------------------ button dialogs
     def _load_clicked(self, *_: Any) -> None:
         self.load()
@@ -861,71 +595,12 @@ class ModelManagerWidget(QWidget):
         if new and new != e.name:
             self.rename(new)
 
-    def _ask_import(self, *_: Any) -> None:
-        path = ask_open_path(self)
-        if path:
-            self.import_path(path)
-
-    def _ask_export(self, *_: Any) -> None:
-        e = self.selected_entry()
-        suggested = (e.name if e is not None else self.session.model_name) + ".safetensors"
-        path = ask_save_path(self, suggested)
-        if path:
-            self.export_path(path)
-
-    def _ask_export_bioimageio(self, *_: Any) -> None:
-        e = self.selected_entry()
-        suggested = (e.name if e is not None else self.session.model_name) + ".zip"
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Export to bioimage.io (a .zip package)", suggested, "bioimage.io package (*.zip)"
-        )
-        if path:
-            self.export_bioimageio(path if path.lower().endswith(".zip") else path + ".zip")
-
-    def export_bioimageio(self, path: str | Path, name: str | None = None, version=None):
-        """Write a bioimage.io package in a thread worker (a progress bar per step).
-
-        The file dialog has already asked before replacing a file, so ``path`` is overwritten.
-        Returns the started worker, or None when the model cannot be read.
-        """
-        from napari.qt.threading import create_worker
-
-        from .. import bioimageio
-
-        try:
-            e = self.entry(name) if name is not None else self.selected_entry()
-            if e is None:
-                seg = self.session.segmenter.copy()
-                seg.config["name"] = self.session.model_name
-            elif e.starter:
-                seg = Segmenter.pretrained(e.name)
-            else:
-                found = self.registry.path(e.name, self._version_for(e, name, version))
-                seg = Segmenter.load(found)
-        except Exception as err:  # noqa: BLE001
-            show_error(user_message(err))
-            return None
-        worker = create_worker(
-            bioimageio.export_iter,
-            seg,
-            path,
-            overwrite=True,
-            _progress={"total": 6, "desc": "Export to bioimage.io"},
-            _start_thread=False,
-        )
-        worker.returned.connect(_exported)
-        worker.errored.connect(_export_failed)
-        self._export_worker = worker
-        worker.start()
-        return worker
-
     def _new_clicked(self, *_: Any) -> None:
         self.new_model()
 
 
-def _exported(path: Path) -> None:
-    show_info(f"bioimage.io package written: {path} (check it with: bioimageio test {path})")
-
-
-def _export_failed(err: BaseException) -> None:
-    show_error(user_message(err))
+def _button(text: str, tip: str | None = None) -> QPushButton:
+    b = QPushButton(text)
+    if tip:
+        b.setToolTip(tip)
+    return b
