@@ -86,7 +86,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.tile is not None:
         if args.tile < 16:
             raise CLIError(f"--tile must be at least 16 pixels, not {args.tile}")
-        tile = [args.tile] * 2 if seg.ndim == 2 else [seg.config["tile_shape"][0], *[args.tile] * 2]
+        depth = seg.model_config.tile_shape[0]  # a 3D model keeps its Z tile
+        tile = [args.tile] * 2 if seg.ndim == 2 else [depth, *[args.tile] * 2]
     out = Path(args.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     show = _progress_enabled(args)

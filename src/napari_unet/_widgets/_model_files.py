@@ -14,7 +14,12 @@ from ..store import ModelFileError, ModelInfo, save_model
 from . import _model_dialogs
 from ._messages import user_message
 
-__all__ = ["ModelFiles"]
+__all__ = ["ModelFiles", "save_named"]
+
+
+def save_named(registry: Any, seg: Segmenter, name: str) -> ModelInfo:
+    """``seg`` saved in ``registry`` as the newest version of ``name`` (seg itself unchanged)."""
+    return registry.save(name, seg.net.state_dict(), {**seg.config, "name": name})
 
 
 class ModelFiles:
@@ -29,16 +34,14 @@ class ModelFiles:
         p = Path(path)
         try:
             seg = Segmenter.load(p)
-            base = name or self._import_name(p, seg.config)
+            base = name or self._import_name(p, seg.model_config.name)
             final = base
             if name is None:
                 k = 2
                 while self.registry.exists(final):
                     final = f"{base} (imported)" if k == 2 else f"{base} (imported {k - 1})"
                     k += 1
-            config = dict(seg.config)
-            config["name"] = final
-            info = self.registry.save(final, seg.net.state_dict(), config)
+            info = save_named(self.registry, seg, final)
         except Exception as err:  # noqa: BLE001
             show_error(user_message(err))
             return None
@@ -47,7 +50,7 @@ class ModelFiles:
         self.select(final, info.version)
         return info
 
-    def _import_name(self, p: Path, config: dict[str, Any]) -> str:
+    def _import_name(self, p: Path, config_name: str) -> str:
         """A usable registry name for an imported model: its config name, else its file name."""
         from ..store import validate_name
 
@@ -57,7 +60,7 @@ class ModelFiles:
             stem = p.name
         else:
             stem = p.stem
-        for cand in (config.get("name"), stem, "imported"):
+        for cand in (config_name, stem, "imported"):
             if not isinstance(cand, str) or cand in ("", "untitled"):
                 continue
             try:

@@ -35,7 +35,7 @@ from ..store import ModelFileError, ModelInfo, read_config
 from . import _layers
 from ._messages import user_message
 from ._model_dialogs import ask_open_path, ask_save_path, ask_text, ask_yes_no  # noqa: F401
-from ._model_files import ModelFiles
+from ._model_files import ModelFiles, save_named
 from ._model_table import (  # noqa: F401 - the names of before the split
     MODEL_COLUMNS,
     VERSION_COLUMNS,
@@ -425,9 +425,7 @@ class ModelManagerWidget(ModelFiles, QWidget):
             return None
         try:
             seg = self.session.segmenter
-            config = dict(seg.config)
-            config["name"] = name
-            info = self.registry.save(name, seg.net.state_dict(), config)
+            info = save_named(self.registry, seg, name)
         except Exception as err:  # noqa: BLE001
             show_error(user_message(err))
             return None
