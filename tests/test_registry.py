@@ -245,3 +245,14 @@ def test_missing_model_lookup(tmp_path):
         reg.load("x")
     with pytest.raises(ModelFileError):
         reg.versions("x")
+
+
+def test_model_info_reads_fields_as_model_config_types_them(tmp_path):
+    reg = ModelRegistry(tmp_path)
+    odd = {"task": 5, "trained_on": [1, "a"], "val_score": "high", "created": 3}
+    info = reg.save("odd", {"w": torch.ones(1)}, odd)  # the registry sets "created"
+    assert info.task is None and info.trained_on == [] and info.val_score is None
+    info = ModelInfo.from_config("odd", 1, info.path, odd)
+    assert info.created.startswith("20")  # not text: the folder's time
+    info = ModelInfo.from_config("x", 1, tmp_path / "gone", {"val_score": 1, "task": "cells"})
+    assert info.val_score == 1.0 and info.task == "cells" and info.created == ""
