@@ -196,3 +196,52 @@ def test_models_widget_trained_on_column_is_not_behind_a_scrollbar(viewer_sessio
         assert header.sectionResizeMode(len(cols) - 1) == QHeaderView.ResizeMode.Stretch
         assert table.textElideMode() == Qt.TextElideMode.ElideRight
     assert MODEL_COLUMNS.index("Val score") < MODEL_COLUMNS.index("Trained on")
+
+
+# ----------------------------------------------------------------------------- the loop (issue 12)
+def test_round_trip_predict_correct_train_stop_refresh(loop, qtbot, messages):
+    """The whole loop through the widgets: predict, paint a correction with the brush, train,
+    stop, predict again with the new model."""
+    viewer, predict, train, session = loop
+    run_predict(qtbot, predict)
+    out = viewer.layers["img [unet]"]
+    assert train.labels_combo.value() is out and train.image_combo.value() is viewer.layers["img"]
+    # correct: the brush paints a new object into the prediction (napari's own paint path)
+    out.brush_size = 9
+    new_id = int(out.data.max()) + 1
+    out.paint((12, 12), new_id)
+    corrected = np.array(out.data)
+    assert (corrected == new_id).sum() > 20
+    # train for a long budget and stop it after a few steps
+    train.seconds_spin.setValue(600)
+    train.steps_spin.setValue(0)
+    train.preview_spin.setValue(0)
+    before = {k: v.clone() for k, v in session.segmenter.net.state_dict().items()}
+    task = train.train()
+    assert task is not None and train.state.value == State.TRAINING
+    assert out.name == "img [corrected]"  # the corrected prediction became the user's layer
+    qtbot.waitUntil(
+        lambda: train.last_progress is not None and train.last_progress.step >= 2, timeout=30_000
+    )
+    train.stop()
+    assert train.state.value == State.STOPPING and not train.stop_button.isEnabled()
+    qtbot.waitUntil(lambda: train.state.value in (State.DONE, State.FAILED), timeout=10_000)
+    assert train.state.value == State.DONE, messages
+    outcome = task.job.outcome
+    assert outcome.stopped and outcome.saved is not None and not session.training_lock.locked()
+    assert any(
+        m.startswith("training stopped:") and "saved as 'tiny'" in m for m in messages["info"]
+    ), messages
+    history = session.registry.versions("tiny")[-1].config["history"]
+    assert history[-1]["stopped"] == "stopped by the user" and history[-1]["steps"] >= 2
+    after = session.segmenter.net.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # trained in place
+    # refresh: a new plugin layer from the new model; the correction stays as painted
+    assert train.refresh_button.isEnabled()
+    assert train.refresh_prediction() is not None
+    qtbot.waitUntil(lambda: not train.refreshing, timeout=20_000)
+    fresh = _layers.find_own_layer(viewer, "img")
+    assert fresh is not None and fresh is not out and fresh.data.shape == (64, 64)
+    assert "prediction refreshed" in train.status_label.text()
+    np.testing.assert_array_equal(out.data, corrected)
+    assert not messages["error"], messages
