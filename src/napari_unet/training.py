@@ -258,10 +258,7 @@ def train(
                 x, y = _batch(sampler, rng, batch_size, augment, ndim, device, mem_fmt)
                 loss = _step(net, opt, x, y, weight, freeze_norm, cur_lr * anchor, run.anchor)
                 if loss is None:
-                    net.load_state_dict(run.good)
-                    run.reason = (
-                        "diverged (loss not finite); weights restored to the last good step"
-                    )
+                    run.diverged(net)
                     break
                 now = run.record(float(loss.detach()))
                 if has_val and (now - run.last_eval >= eval_every_s):
@@ -418,6 +415,11 @@ class _Run:
         self.elapsed = now - self.t0
         self.last_loss = loss
         return now
+
+    def diverged(self, net: nn.Module) -> None:
+        """A step's loss was not finite: back to the last good weights, and stop."""
+        net.load_state_dict(self.good)
+        self.reason = "diverged (loss not finite); weights restored to the last good step"
 
     def validated(self, net: nn.Module, f1: float) -> None:
         self.val_f1 = f1
