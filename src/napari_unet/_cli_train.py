@@ -29,7 +29,6 @@ from ._cli_common import (
     _model_words,
     _non_negative_float,
     _positive_int,
-    _save_segmenter,
     _stem,
     _threads_words,
     _warn,
@@ -207,10 +206,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
 
+    from . import cli  # cli._save_segmenter: the name tests and scripts replace
+
     def save(s: Segmenter) -> str:
         # on failure: the working, temporary or home folder, and the message says which
         return _outputs.save_or_rescue(
-            lambda: _save_segmenter(s, args.output), s.save, "-o", args.output
+            lambda: cli._save_segmenter(s, args.output), s.save, "-o", args.output
         )
 
     run = TrainRun(
