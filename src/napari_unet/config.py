@@ -21,6 +21,8 @@ The annotation gives the type (``int``, ``float``, ``str``, ``bool``, ``X | None
 the default (the only place it is written) and the bounds (``lo``/``hi``, ``lo_open``/``hi_open``
 for strict bounds, ``choices``). Conversion, checking, ``to_dict`` and the error messages follow.
 Cross-field rules (tile shape against ``ndim``, ...) live in the ``_check`` method of the class.
+The machinery (:func:`opt`, :class:`ConfigError`, conversion, ``to_dict``) is in
+:mod:`napari_unet.schema`.
 A change that old files cannot satisfy needs a ``format_version`` bump and an entry in
 :data:`MIGRATIONS` (a function from the old dict to the new one).
 
