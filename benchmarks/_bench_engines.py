@@ -20,10 +20,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import _common as C
 import numpy as np
 import torch
 
-import _common as C
 from napari_unet import engines
 from napari_unet.segmenter import Segmenter
 from napari_unet.synthetic import make_realistic_nuclei
@@ -48,7 +48,7 @@ def _images(sizes, real_folder: str | None):
                 img = img[..., 0]
             n = 2048
             reps = [-(-n // s) for s in img.shape]
-            big = np.pad(img, [(0, r * s - s) for r, s in zip(reps, img.shape)], mode="reflect")
+            big = np.pad(img, [(0, r * s - s) for r, s in zip(reps, img.shape, strict=True)], mode="reflect")
             yield f"real {files[-1].stem} reflected to {n}^2", np.ascontiguousarray(
                 big[:n, :n]
             )
@@ -83,7 +83,7 @@ def part_e(args) -> str:
         del xn
         for e in names:
             seg.predict(image[:1024, :1024], engine=e)  # export + compile outside the clock
-            r = measure(lambda e=e: seg.predict(image, engine=e), f"predict {e}, {what}",
+            r = measure(lambda e=e, im=image: seg.predict(im, engine=e), f"predict {e}, {what}",
                         args.noisy, args.max_tries)
             p = r.value
             if p.engine != e:
@@ -92,7 +92,7 @@ def part_e(args) -> str:
                          int(p.labels.max()), p.postprocess_seconds, r.others])
         probs = p.probabilities[:, None, None] if p.probabilities.ndim == 3 else None
         if probs is not None:
-            pp = measure(lambda: seg._postprocess(probs), f"post-processing, {what}",
+            pp = measure(lambda pr=probs: seg._postprocess(pr), f"post-processing, {what}",
                          args.noisy, args.max_tries)
             rows.append([what, "post-processing alone", pp.seconds, pp.seconds / bare.seconds,
                          int(pp.value.max()), None, pp.others])
