@@ -48,7 +48,8 @@ def _images(sizes, real_folder: str | None):
                 img = img[..., 0]
             n = 2048
             reps = [-(-n // s) for s in img.shape]
-            big = np.pad(img, [(0, r * s - s) for r, s in zip(reps, img.shape, strict=True)], mode="reflect")
+            widths = [(0, r * s - s) for r, s in zip(reps, img.shape, strict=True)]
+            big = np.pad(img, widths, mode="reflect")
             yield f"real {files[-1].stem} reflected to {n}^2", np.ascontiguousarray(
                 big[:n, :n]
             )
