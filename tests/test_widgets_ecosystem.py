@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
+from napari_unet._widgets import _model_actions as model_actions  # noqa: E402
 from napari_unet._widgets import _model_files as model_files  # noqa: E402
 from napari_unet._widgets import models as models_mod  # noqa: E402
 from napari_unet._widgets.models import ModelManagerWidget  # noqa: E402
@@ -19,8 +20,8 @@ def test_export_to_bioimageio_button(viewer_session, qtbot, tmp_path, monkeypatc
     viewer, session = viewer_session
     got = {"info": [], "error": []}
     for kind in got:
-        for module in (models_mod, model_files):
-            monkeypatch.setattr(module, f"show_{kind}", got[kind].append)
+        for module in (models_mod, model_files, model_actions):
+            monkeypatch.setattr(module, f"show_{kind}", got[kind].append, raising=False)
     monkeypatch.setattr(models_mod, "_starter_entry", lambda: None)
     session.set_segmenter(Segmenter.new(base_channels=4, depth=2), name="tiny")
     w = ModelManagerWidget(viewer)

@@ -11,6 +11,7 @@ pytest.importorskip("pytestqt")
 
 import torch  # noqa: E402
 
+from napari_unet._widgets import _model_actions as model_actions  # noqa: E402
 from napari_unet._widgets import _model_dialogs  # noqa: E402
 from napari_unet._widgets import _model_files as model_files  # noqa: E402
 from napari_unet._widgets import models as models_mod  # noqa: E402
@@ -32,8 +33,8 @@ def same_weights(a: dict, b: dict) -> bool:
 def messages(monkeypatch):
     got: dict[str, list[str]] = {"error": [], "info": []}
     for kind, sink in got.items():
-        for module in (models_mod, model_files):  # the widget and its file operations
-            monkeypatch.setattr(module, f"show_{kind}", sink.append)
+        for module in (models_mod, model_files, model_actions):  # the widget and its parts
+            monkeypatch.setattr(module, f"show_{kind}", sink.append, raising=False)
     return got
 
 
@@ -132,17 +133,17 @@ def test_rename_and_delete(widget, messages, monkeypatch):
     assert s.model_name == "cells" and "in use: cells" in w.in_use_label.text()
 
     # the Rename… button asks for the name
-    monkeypatch.setattr(models_mod, "ask_text", lambda *a, **k: "spare two")
+    monkeypatch.setattr(_model_dialogs, "ask_text", lambda *a, **k: "spare two")
     w.select("spare")
     w.rename_button.click()
     assert w.model_names() == ["cells", "spare two"]
 
     # Delete asks; "no" keeps the model
-    monkeypatch.setattr(models_mod, "ask_yes_no", lambda *a, **k: False)
+    monkeypatch.setattr(_model_dialogs, "ask_yes_no", lambda *a, **k: False)
     w.select("spare two")
     w.delete_button.click()
     assert "spare two" in w.model_names()
-    monkeypatch.setattr(models_mod, "ask_yes_no", lambda *a, **k: True)
+    monkeypatch.setattr(_model_dialogs, "ask_yes_no", lambda *a, **k: True)
     w.delete_button.click()
     assert w.model_names() == ["cells"]
 
@@ -233,7 +234,7 @@ def test_new_untrained_and_save_as_button(widget, messages, monkeypatch):
     assert (seg.task, seg.in_channels, seg.net.out_channels) == ("semantic", 2, 3)
     assert s.model_name == "untitled" and "not saved" in w.in_use_label.text()
 
-    monkeypatch.setattr(models_mod, "ask_text", lambda *a, **k: "seg3")
+    monkeypatch.setattr(_model_dialogs, "ask_text", lambda *a, **k: "seg3")
     w.save_as_button.click()
     assert w.model_names() == ["seg3"] and s.model_name == "seg3"
     assert row_text(w, "seg3")[2] == "semantic"
