@@ -297,6 +297,12 @@ def add_parser(sub: Any) -> None:
         help="start from this model; "
         + _MODEL_HELP.replace(" or 'new' (an untrained model, for testing)", ""),
     )
+    _add_training_options(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """A new model's task and shape; the training's budget and settings."""
     p.add_argument(
         "--task", choices=("instance", "semantic"), help="for a new model (default: instance)"
     )
@@ -334,4 +340,3 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--base-channels", type=_positive_int, help=argparse.SUPPRESS)
     p.add_argument("--depth", type=_positive_int, help=argparse.SUPPRESS)
     p.add_argument("--print-every", type=float, default=_PRINT_EVERY_S, help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_train)
