@@ -138,6 +138,7 @@ def _grow(prob, labels, seeds, bg_max: float, strip: int, margin: int) -> None:
     fg = prob[0] < bg_max
     comp = np.empty(labels.shape, np.int32)
     n = ndimage.label(fg, output=comp)
+    del fg  # the components hold it (comp > 0); one image-sized array fewer at the peak
     if n == 0:
         labels[...] = 0
         return
@@ -153,6 +154,8 @@ def _grow(prob, labels, seeds, bg_max: float, strip: int, margin: int) -> None:
     many = per >= 2
     del seed_comp
     n0 = labels.shape[0]
+    # strips of at most ~4 Mpx: the flood's working arrays stay ~150 MB however wide the image
+    strip = max(4 * margin, min(strip, (1 << 22) // max(1, labels[0].size)))
     for start in range(0, n0, strip):
         stop = min(start + strip, n0)
         lo, hi = max(0, start - margin), min(n0, stop + margin)
