@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 # worker, where it froze the viewer for ~0.5 s right after the first Train click.
 import torch._dynamo  # noqa: F401, E402
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QWidget
 
 from ..cpu import LoadMonitor
@@ -43,6 +43,16 @@ __all__ = ["TrainWidget", "TrainRun", "Outcome", "LossCurve", "NONE"]
 logger = logging.getLogger(__name__)
 
 UPDATE_MS = 400  # progress, status and loss curve repaint together at most this often
+
+
+class _StatusRelay(QObject):
+    """Carries the run's status changes (emitted in the training's thread) to the GUI thread:
+    a Qt signal emitted from another thread is delivered queued."""
+
+    changed = Signal()
+
+    def relay(self, *_: Any) -> None:
+        self.changed.emit()
 
 
 class TrainWidget(QWidget):
@@ -70,6 +80,9 @@ class TrainWidget(QWidget):
         self._status_timer.setSingleShot(True)
         self._status_timer.setInterval(UPDATE_MS)
         self._status_timer.timeout.connect(self._show_progress)
+        # the run's evented status -> one repaint within UPDATE_MS (on the GUI thread)
+        self._status_relay = _StatusRelay(self)
+        self._status_relay.changed.connect(self._status_changed)
         self._build()
         self.state.changed.connect(self._apply_state)
         self.viewer.dims.events.current_step.connect(self._on_dims)
@@ -195,6 +208,7 @@ class TrainWidget(QWidget):
             except Exception:  # noqa: BLE001 - a preview is optional
                 logger.exception("napari-unet: could not create the preview layer")
         self._run, self._task, self._plan = run, task, plan
+        run.status.events.connect(self._status_relay.relay)  # step, loss, score ...
         self._trained = [weakref.ref(im) for im, _ in plan.pairs]
         self.last_progress = None
         self.previews_shown = 0
@@ -224,8 +238,6 @@ class TrainWidget(QWidget):
             warning = self.monitor.update(item.step, item.seconds) if self.monitor else None
             if warning:
                 show_warning(warning)
-            if not self._status_timer.isActive():
-                self._status_timer.start()
         elif isinstance(item, Preview):
             try:
                 image = self._trained[0]() if self._trained else None
@@ -233,6 +245,10 @@ class TrainWidget(QWidget):
                 self.previews_shown += 1
             except Exception:  # noqa: BLE001 - a preview is optional
                 logger.exception("napari-unet: could not show the preview")
+
+    def _status_changed(self) -> None:
+        if not self._closed and not self._status_timer.isActive():
+            self._status_timer.start()
 
     def _show_progress(self) -> None:
         run = self._run
