@@ -135,7 +135,8 @@ def _check_target(out: Path, overwrite: bool) -> Path:
 
 def _test_image(seg: Segmenter, image: Any, axes: str | None) -> np.ndarray:
     """(C, *spatial) float32 raw test image, cropped to multiples of the network divisor."""
-    from . import data
+    from .axes import guess_axes, validate_axes
+    from .synthetic import make_nuclei
 
     d = seg.net.divisor
     nd = seg.ndim
@@ -148,13 +149,13 @@ def _test_image(seg: Segmenter, image: Any, axes: str | None) -> np.ndarray:
             )
         shape = (16, 64, 64) if nd == 3 else (128, 128)
         shape = tuple(max(d, s // d * d) for s in shape)
-        img, _ = data.make_nuclei(shape, seed=7)
+        img, _ = make_nuclei(shape, seed=7)
         raw = img.astype(np.float32)[None]
     else:
         arr = np.asarray(image)
         if axes is None:
-            axes = data.guess_axes(arr.shape)
-        axes = data.validate_axes(axes, arr.ndim, tuple(arr.shape))
+            axes = guess_axes(arr.shape)
+        axes = validate_axes(axes, arr.ndim, tuple(arr.shape))
         if "T" in axes:
             arr = np.take(arr, 0, axis=axes.index("T"))
             axes = axes.replace("T", "")

@@ -413,7 +413,7 @@ def check_training_shapes(
 
     A huge lazy image with mismatched labels is refused before any of it is loaded.
     """
-    from . import data
+    from .axes import guess_axes, validate_axes
 
     def as_list(x: Any) -> list:
         return list(x) if isinstance(x, (list, tuple)) else [x]
@@ -425,7 +425,7 @@ def check_training_shapes(
     for i, (img, lab, msk) in enumerate(zip(imgs, labs, msks, strict=True)):
         shape = _shape_of(img)
         try:
-            ax = data.validate_axes(axes, len(shape), shape) if axes else data.guess_axes(shape)
+            ax = validate_axes(axes, len(shape), shape) if axes else guess_axes(shape)
         except ValueError:
             continue  # finetune reports bad axes with its own message
         spatial = tuple(s for a, s in zip(ax, shape, strict=True) if a != "C")
