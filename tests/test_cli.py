@@ -125,6 +125,18 @@ def test_predict_new_model(
     assert "tiles" in captured.err  # progress bar forced with --progress
 
 
+def test_predict_engine_option_names_the_engine_and_refuses_unknown_ones(
+    tmp_path: Path, pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    img, _ = pair
+    code = run("predict", "new", str(img), "-o", str(tmp_path / "a"), "--engine", "torch")
+    assert code == 0
+    assert "(cpu, torch)" in capsys.readouterr().out
+    code = run("predict", "new", str(img), "-o", str(tmp_path / "b"), "--engine", "tensorrt")
+    assert code == 2
+    assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- train
 
 

@@ -369,3 +369,39 @@ def test_starter_model_named_when_the_widget_opens(make_napari_viewer, tmp_path,
     monkeypatch.setenv("NAPARI_UNET_HOME", str(tmp_path / "models"))
     widget = PredictWidget(make_napari_viewer())  # the session loads the shipped starter
     assert widget.model_label.text().startswith("nuclei "), widget.model_label.text()
+
+
+def test_engine_choice_reaches_the_prediction_and_a_fallback_is_shown(
+    make_widget, qtbot, nuclei, monkeypatch, messages
+):
+    """The Engine box picks who runs the network; an engine that is missing falls back to torch
+    and the user is told."""
+    import importlib.util
+
+    from napari_unet._widgets import _workers
+
+    warned: list[str] = []
+    monkeypatch.setattr(_workers, "show_warning", warned.append)
+    used: list[str] = []
+    original = Segmenter.predict_iter
+
+    def spy(self, *args, **kwargs):
+        pred = yield from original(self, *args, **kwargs)
+        used.append((kwargs.get("engine"), pred.engine))
+        return pred
+
+    monkeypatch.setattr(Segmenter, "predict_iter", spy)
+    viewer, w = make_widget()
+    assert w.engine_combo.currentText() == "auto"
+    w.image_combo.set_value(viewer.add_image(nuclei[0], name="nuc"))
+    w.engine_combo.setCurrentText("torch")
+    run(qtbot, w)
+    assert used[-1] == ("torch", "torch")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a)
+    )
+    w.engine_combo.setCurrentText("openvino")
+    run(qtbot, w)
+    assert used[-1] == ("openvino", "torch")
+    assert any("openvino" in m and "not installed" in m for m in warned)

@@ -4,6 +4,7 @@ cluster in :mod:`._cli_ecosystem`)."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from ._cli_common import (
     read_tiff,
     write_tiff,
 )
+from .engines import ENGINES
 
 if TYPE_CHECKING:
     from .segmenter import Prediction, Segmenter
@@ -106,7 +108,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             channel=args.channel,
             batch_size=args.batch_size,
             return_probabilities=args.probabilities,
+            engine=args.engine,
         )
+        for note in pred.notes:
+            print(f"note: {note}", file=sys.stderr)
         labels_path = out / f"{_stem(p)}_labels.tif"
         write_tiff(labels_path, pred.labels.astype(_label_dtype(pred.labels)), pred.axes)
         written = [labels_path.name]
@@ -116,7 +121,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             written.append(prob_path.name)
         print(
             f"{p.name}: {_describe(seg, pred.labels)}, {pred.seconds:.2f} s "
-            f"({pred.device}) -> {', '.join(written)}",
+            f"({pred.device}, {pred.engine}) -> {', '.join(written)}",
             flush=True,
         )
     if len(paths) > 1:
@@ -143,6 +148,13 @@ def add_parser(sub: Any) -> None:
     )
     axes_opt(p)
     device_opt(p)
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="who runs the network: auto (OpenVINO or ONNX Runtime on the CPU when installed, "
+        "else torch), torch, openvino, onnxruntime (default: auto)",
+    )
     p.add_argument(
         "--tile",
         type=int,

@@ -144,6 +144,7 @@ class PredictJob(Job):
                     scale=req.data_scale,
                     labels_out=out,
                     diameter=req.diameter if out is None else None,
+                    engine=req.engine,
                 )
                 with store if store is not None else contextlib.nullcontext():
                     pred = yield from self._drive(

@@ -353,6 +353,7 @@ class PredictRequest:
     data_scale: tuple[float, ...] | None = None  # physical size of each spatial axis of data
     out_path: str | None = None  # where the labels of a big layer are written (zarr store)
     diameter: float | None = None  # typical object diameter in pixels of data (None: estimate)
+    engine: str = "auto"  # who runs the network (napari_unet.engines)
 
 
 def make_request(

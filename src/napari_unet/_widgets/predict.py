@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..engines import ENGINES
 from . import _layers
 from ._session import session_for
 from ._workers import (
@@ -78,6 +79,12 @@ class PredictWidget(QWidget):
         self.scope_combo = QComboBox()
         self.scope_combo.addItems(_layers.SCOPES)
         self.probs_check = QCheckBox("also add probabilities")
+        self.engine_combo = QComboBox()
+        self.engine_combo.addItems(ENGINES)
+        self.engine_combo.setToolTip(
+            "Who runs the network. 'auto': OpenVINO or ONNX Runtime on the CPU when installed "
+            "(several times faster than torch, same result within 1e-4), torch on a GPU."
+        )
         self.diameter_box = QDoubleSpinBox()
         self.diameter_box.setRange(0.0, 2000.0)
         self.diameter_box.setDecimals(0)
@@ -102,6 +109,7 @@ class PredictWidget(QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow("Scope", self.scope_combo)
         form.addRow("Object diameter", self.diameter_box)
+        form.addRow("Engine", self.engine_combo)
         buttons = QHBoxLayout()
         buttons.addWidget(self.predict_button)
         buttons.addWidget(self.cancel_button)
@@ -191,6 +199,7 @@ class PredictWidget(QWidget):
             factor = request.region.factor  # a coarser level of a multiscale layer
             shrink = float(np.mean(factor[-2:])) if factor else 1.0
             request.diameter = float(self.diameter_box.value()) / shrink
+        request.engine = self.engine_combo.currentText()
         for note in request.notes:
             show_info(note)
         self.status_label.setText(f"predicting {layer.name!r} ...")
