@@ -450,95 +450,6 @@ def callback_summary(ph: Phase, ct: CallTimer) -> list[list]:
     return rows
 
 
-def painted_loss_curve_class():
-    """A drop-in ``LossCurve`` (same attributes and methods) painted with QPainter.
-
-    Loss per step as a polyline (at most one point per horizontal pixel), validation F1 as dots
-    on a fixed 0..1 scale, the loss range and the last step as text. A repaint costs about a
-    millisecond, so it can follow every progress event.
-    """
-    import math
-
-    from qtpy.QtCore import QPointF, Qt, QTimer
-    from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
-    from qtpy.QtWidgets import QWidget
-
-    class PaintedLossCurve(QWidget):
-        def __init__(self, parent=None):
-            super().__init__(parent)
-            self.steps: list[int] = []
-            self.losses: list[float] = []
-            self.val_steps: list[int] = []
-            self.vals: list[float] = []
-            self.canvas = None
-            self.draws = 0
-            self.setMinimumHeight(140)
-            self._timer = QTimer(self)
-            self._timer.setSingleShot(True)
-            self._timer.setInterval(250)
-            self._timer.timeout.connect(self.draw_now)
-
-        def clear(self) -> None:
-            self.steps.clear()
-            self.losses.clear()
-            self.val_steps.clear()
-            self.vals.clear()
-            self.draw_now()
-
-        def add(self, p) -> None:
-            if p.loss is not None and math.isfinite(p.loss):
-                self.steps.append(p.step)
-                self.losses.append(float(p.loss))
-            if p.val_f1 is not None and (not self.vals or p.val_f1 != self.vals[-1] or p.done):
-                self.val_steps.append(p.step)
-                self.vals.append(float(p.val_f1))
-            if not self._timer.isActive():
-                self._timer.start()
-
-        def draw_now(self) -> None:
-            self._timer.stop()
-            self.draws += 1
-            self.update()
-
-        def paintEvent(self, event) -> None:  # noqa: N802 - Qt API
-            qp = QPainter(self)
-            qp.setRenderHint(QPainter.RenderHint.Antialiasing)
-            fm = qp.fontMetrics()
-            text = self.palette().windowText().color()
-            r = self.rect().adjusted(fm.horizontalAdvance("0.0000") + 8, 6, -30, -fm.height() - 6)
-            qp.setPen(QPen(text, 1))
-            qp.drawRect(r)
-            left, top, w, h = r.left(), r.top(), max(r.width(), 1), max(r.height(), 1)
-            last = max(self.steps[-1] if self.steps else 1, 1)
-            qp.drawText(left, r.bottom() + fm.height() + 2, "step")
-            qp.drawText(r.right() - fm.horizontalAdvance(str(last)), r.bottom() + fm.height() + 2,
-                        str(last))
-            qp.drawText(r.right() + 4, top + fm.ascent(), "F1")
-            if self.losses:
-                lo, hi = min(self.losses), max(self.losses)
-                span = (hi - lo) or 1.0
-                qp.drawText(2, top + fm.ascent(), f"{hi:.4f}")
-                qp.drawText(2, r.bottom(), f"{lo:.4f}")
-                n = len(self.losses)
-                stride = max(1, n // w)
-                pts = QPolygonF()
-                for i in range(0, n, stride):
-                    x = left + w * self.steps[i] / last
-                    y = top + h * (hi - self.losses[i]) / span
-                    pts.append(QPointF(x, y))
-                qp.setPen(QPen(QColor(31, 119, 180), 1.5))
-                qp.drawPolyline(pts)
-            else:
-                qp.drawText(2, top + fm.ascent(), "loss")
-            qp.setPen(QPen(QColor(255, 127, 14), 1))
-            qp.setBrush(QColor(255, 127, 14))
-            for s, v in zip(self.val_steps, self.vals, strict=False):
-                qp.drawEllipse(QPointF(left + w * s / last, top + h * (1 - v)), 2.5, 2.5)
-            qp.end()
-
-    return PaintedLossCurve
-
-
 # ============================================================================ the benchmark
 class Bench:
     def __init__(self, args: argparse.Namespace):
@@ -575,7 +486,7 @@ class Bench:
     def apply_fixes(self) -> None:
         a = self.args
         if a.fix_all:
-            a.fix_curve = a.fix_curve or "painted"
+            a.fix_curve = a.fix_curve or "mpl"
             a.fix_import = a.fix_labels = a.fix_preview = a.fix_progress = True
         for name in ("progress", "preview", "labels"):
             if getattr(a, f"fix_{name}"):
@@ -624,13 +535,6 @@ class Bench:
             train.LossCurve.__init__ = init
             train.LossCurve.draw_now = draw_now
             self.ct.wrap(train.LossCurve, "draw_now", "LossCurve.draw_now (set_data)")
-        elif a.fix_curve == "painted":
-            # the loss curve drawn with QPainter (a polyline and four labels) instead of
-            # matplotlib
-            from napari_unet._widgets import train
-
-            train.LossCurve = painted_loss_curve_class()
-            self.ct.wrap(train.LossCurve, "paintEvent", "PaintedLossCurve.paintEvent")
 
     def reset_model(self) -> None:
         from napari_unet.segmenter import Segmenter
@@ -664,7 +568,7 @@ class Bench:
         tw.device_combo.setCurrentText("cpu")
         tw.threads_spin.setValue(threads if threads is not None else self.default_threads)
         tw.train_button.click()
-        task = tw._run.task if tw._run is not None else None
+        task = tw._task if tw._run is not None else None
         if task is None:
             raise RuntimeError(f"training refused: {tw.status_label.text()}")
         return task
@@ -1093,9 +997,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--switchinterval", type=float, default=0.0, help="sys.setswitchinterval, ms")
     p.add_argument(
         "--fix-curve",
-        choices=("mpl", "painted"),
+        choices=("mpl",),
         help="monkeypatch the loss curve: 'mpl' = matplotlib, artists reused, fixed margins, "
-        "1 redraw/s; 'painted' = drawn with QPainter",
+        "1 redraw/s",
     )
     p.add_argument(
         "--fix-import",
