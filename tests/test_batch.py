@@ -12,7 +12,7 @@ import tifffile
 
 import napari_unet as nu
 from napari_unet import batch
-from napari_unet.data import make_nuclei
+from napari_unet.synthetic import make_nuclei
 
 distributed = pytest.importorskip("distributed")
 

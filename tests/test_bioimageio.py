@@ -14,7 +14,7 @@ import yaml
 
 import napari_unet as nu
 from napari_unet import bioimageio as bio
-from napari_unet.data import make_nuclei
+from napari_unet.synthetic import make_nuclei
 
 
 @pytest.fixture
@@ -70,7 +70,9 @@ def test_starter_export_passes_bioimageio_test_and_imports_exactly(offline, tmp_
     pre = rdf["inputs"][0]["preprocessing"][0]
     assert pre["id"] == "scale_range"
     assert (pre["kwargs"]["min_percentile"], pre["kwargs"]["max_percentile"]) == (1.0, 99.8)
-    assert "Validation" in readme and f"{seg.config['val_score']}" in readme and "watershed" in readme
+    assert (
+        "Validation" in readme and f"{seg.config['val_score']}" in readme and "watershed" in readme
+    )
 
 
 def test_finetuned_export_with_changed_postprocess(offline, tmp_path):

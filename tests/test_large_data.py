@@ -9,9 +9,9 @@ import torch
 
 import napari_unet as nu
 from napari_unet import segmenter as seg_mod
-from napari_unet.data import make_nuclei
 from napari_unet.metrics import instance_f1
 from napari_unet.postprocess import instances_from_probabilities, link_to_previous
+from napari_unet.synthetic import make_nuclei
 from napari_unet.tiling import BlockCache
 
 da = pytest.importorskip("dask.array")

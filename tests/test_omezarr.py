@@ -19,7 +19,7 @@ tifffile = pytest.importorskip("tifffile")
 from napari_unet import cli  # noqa: E402
 from napari_unet import omezarr as oz  # noqa: E402
 from napari_unet._reader import get_reader  # noqa: E402
-from napari_unet.data import make_nuclei  # noqa: E402
+from napari_unet.synthetic import make_nuclei  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

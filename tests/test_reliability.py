@@ -18,9 +18,10 @@ import torch
 
 import napari_unet as nu
 from napari_unet import cli, store
-from napari_unet.data import make_nuclei
+from napari_unet.format import ModelFileError, load_model
 from napari_unet.metrics import semantic_iou
-from napari_unet.store import ModelFileError, load_model, save_model
+from napari_unet.save import save_model
+from napari_unet.synthetic import make_nuclei
 
 TINY = ["--base-channels", "4", "--depth", "2"]
 

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage as ndi
 
 import napari_unet as nu
-from napari_unet.data import make_nuclei
+from napari_unet.synthetic import make_nuclei
 from napari_unet.uncertainty import (
     _DIHEDRAL,
     Region,
