@@ -9,8 +9,8 @@ They now live in modules with one job each:
   :func:`default_root`, :func:`validate_name`;
 * :mod:`napari_unet.fileio` -- durable writes, folder swaps, crash recovery.
 
-``from napari_unet.store import ModelRegistry`` (and the other names in ``__all__``) keeps
-working; new code imports from the modules above.
+Scripts that say ``from napari_unet.store import ModelRegistry`` (or any name in
+``__all__``) run unchanged. New code imports from the modules above.
 """
 
 from __future__ import annotations
