@@ -305,7 +305,9 @@ def test_time_series_as_frames_of_changing_shape(tiny):
 
 
 def test_too_big_for_memory_suggests_labels_out(tiny, monkeypatch):
-    monkeypatch.setattr(seg_mod, "_available_memory", lambda: 1 << 20)  # 1 MB free
+    from napari_unet import inference
+
+    monkeypatch.setattr(inference, "_available_memory", lambda: 1 << 20)  # 1 MB free
     img = np.zeros((8, 64, 64), np.float32)
     with pytest.raises(ValueError, match="labels_out"):
         tiny.predict(img, axes="ZYX", device="cpu")
