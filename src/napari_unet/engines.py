@@ -241,6 +241,9 @@ def export_in_background(net: nn.Module, digest: str) -> threading.Thread:
         th = _pending.get(digest)
         if th is not None and th.is_alive():
             return th
+        busy = [t for t in _pending.values() if t.is_alive()]
+        if busy:  # one export at a time: weights that changed meanwhile are not worth it
+            return busy[0]
         snapshot = copy.deepcopy(net).cpu()  # the caller may go on training ``net``
 
         def work():

@@ -257,7 +257,10 @@ class TrainPreview:
     ):
         self.segmenter, self.image, self.region, self.rgb = segmenter, image, region, rgb
         self.every, self.due = float(every), float(every)
-        self.predict_kwargs = {"device": device, "channel": channel, "num_threads": num_threads}
+        # torch: the weights change between previews, an export for each would never pay
+        self.predict_kwargs = {
+            "device": device, "channel": channel, "num_threads": num_threads, "engine": "torch"
+        }
 
     def __call__(self, p: TrainProgress) -> Iterator[Any]:
         if self.every <= 0 or p.seconds < self.due:
