@@ -377,7 +377,8 @@ class BlockCache:
                 at = tuple(k.start for k in key)
                 raise ValueError(
                     f"the image contains NaN or infinite values ({n_bad} in its block starting at "
-                    f"(T, Z, C, Y, X) = {at}); replace them (e.g. with numpy.nan_to_num) before segmenting"
+                    f"(T, Z, C, Y, X) = {at}); replace them (e.g. with numpy.nan_to_num) before "
+                    "segmenting"
                 )
         with self._lock:
             self.block_reads += 1
@@ -511,7 +512,44 @@ def tiled_inference(
     Cancelled
         When ``should_stop()`` returned True.
     """
-    # ---- validation -------------------------------------------------------------------
+    shape, out, transform = _checked(
+        predict_fn, image, out_channels, batch_size, pad_mode, transform, out, dtype
+    )
+    tiler = _Tiler(image, shape, _plan(shape[1:], tile_shape, overlap, divisor), transform,
+                   out, pad_mode, should_stop)
+    grid = list(itertools.product(*(range(len(ax.starts)) for ax in tiler.axes)))
+    batch_size, total = int(batch_size), len(grid)
+    batches = [grid[i : i + batch_size] for i in range(0, total, batch_size)]
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-unet-tiling")
+    pending: Future[np.ndarray] | None = None
+    try:
+        pending = executor.submit(tiler.read_batch, batches[0])
+        done = 0
+        for number, indices in enumerate(batches):
+            data = pending.result()
+            pending = None
+            if number + 1 < len(batches):  # the next batch is read while this one runs
+                pending = executor.submit(tiler.read_batch, batches[number + 1])
+            if tiler.stop():
+                raise Cancelled("tiled inference was cancelled")
+            pred = np.asarray(predict_fn(data))
+            expected = (len(indices), int(out_channels), *tiler.tile_size)
+            if pred.shape != expected:
+                raise ValueError(f"predict_fn returned shape {pred.shape}, expected {expected}")
+            for b, index in enumerate(indices):
+                tiler.accumulate(index, pred[b])
+            done += len(indices)
+            yield done, total
+        return out
+    finally:
+        tiler.abort.set()
+        if pending is not None:
+            pending.cancel()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _checked(predict_fn, image, out_channels, batch_size, pad_mode, transform, out, dtype):
+    """Validate :func:`tiled_inference`'s arguments; returns (shape, out, transform)."""
     shape = tuple(int(s) for s in getattr(image, "shape", ()))
     if len(shape) not in (3, 4):
         raise ValueError(
@@ -519,66 +557,68 @@ def tiled_inference(
         )
     if shape[0] < 1:
         raise ValueError("image has no channels")
-    spatial = shape[1:]
     if int(out_channels) < 1:
         raise ValueError(f"out_channels must be a positive integer, got {out_channels}")
-    out_channels = int(out_channels)
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    batch_size = int(batch_size)
     if pad_mode not in _PAD_MODES:
         raise ValueError(f"pad_mode must be one of {', '.join(_PAD_MODES)}, got {pad_mode!r}")
     if transform is not None and not callable(transform):
         raise ValueError("transform must be callable")
     if not callable(predict_fn):
         raise ValueError("predict_fn must be callable")
-    axes = _plan(spatial, tile_shape, overlap, divisor)
-    out_shape = (out_channels, *spatial)
+    out_shape = (int(out_channels), *shape[1:])
     if out is None:
         out = np.zeros(out_shape, dtype=dtype)
     elif tuple(getattr(out, "shape", ())) != out_shape:
         raise ValueError(f"out has shape {tuple(getattr(out, 'shape', ()))}, expected {out_shape}")
-    transform = _default_transform if transform is None else transform
-    stop = should_stop if should_stop is not None else (lambda: False)
+    return shape, out, (_default_transform if transform is None else transform)
 
-    # ---- plan -------------------------------------------------------------------------
-    tile_size = tuple(ax.tile for ax in axes)
-    windows = [_axis_windows(ax) for ax in axes]
-    grid = list(itertools.product(*(range(len(ax.starts)) for ax in axes)))
-    total = len(grid)
-    batches = [grid[i : i + batch_size] for i in range(0, total, batch_size)]
-    abort = threading.Event()
 
-    def region(index: tuple[int, ...]) -> tuple[slice, ...]:
-        return tuple(slice(ax.starts[i], ax.stops[i]) for ax, i in zip(axes, index, strict=True))
+class _Tiler:
+    """Reads tiles of ``image`` (in the prefetch thread) and blends predictions into ``out``."""
 
-    def read_batch(indices: list[tuple[int, ...]]) -> np.ndarray:
-        data = np.empty((len(indices), shape[0], *tile_size), dtype=np.float32)
+    def __init__(self, image, shape, axes, transform, out, pad_mode, should_stop):
+        self.image, self.shape, self.axes, self.transform = image, shape, axes, transform
+        self.out, self.pad_mode = out, pad_mode
+        self.stop = should_stop if should_stop is not None else (lambda: False)
+        self.tile_size = tuple(ax.tile for ax in axes)
+        self.windows = [_axis_windows(ax) for ax in axes]
+        self.abort = threading.Event()
+
+    def region(self, index: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(
+            slice(ax.starts[i], ax.stops[i]) for ax, i in zip(self.axes, index, strict=True)
+        )
+
+    def read_batch(self, indices: list[tuple[int, ...]]) -> np.ndarray:
+        data = np.empty((len(indices), self.shape[0], *self.tile_size), dtype=np.float32)
         for b, index in enumerate(indices):
-            if abort.is_set() or stop():
+            if self.abort.is_set() or self.stop():
                 raise Cancelled("tiled inference was cancelled")
-            reg = region(index)
-            raw = np.asarray(image[(slice(None), *reg)])
-            tile = np.asarray(transform(raw), dtype=np.float32)
+            raw = np.asarray(self.image[(slice(None), *self.region(index))])
+            tile = np.asarray(self.transform(raw), dtype=np.float32)
             if tile.shape != raw.shape:
                 raise ValueError(
                     f"transform changed the tile shape from {raw.shape} to {tile.shape}"
                 )
-            data[b] = _pad_tile(tile, tile_size, pad_mode)
+            data[b] = _pad_tile(tile, self.tile_size, self.pad_mode)
         return data
 
-    def accumulate(index: tuple[int, ...], pred: np.ndarray) -> None:
-        reg = region(index)
+    def accumulate(self, index: tuple[int, ...], pred: np.ndarray) -> None:
+        reg = self.region(index)
         lengths = tuple(s.stop - s.start for s in reg)
         crop = pred[(slice(None), *(slice(0, n) for n in lengths))]
-        contrib = crop.astype(np.float32) * _outer([windows[k][i] for k, i in enumerate(index)])
+        weights = _outer([self.windows[k][i] for k, i in enumerate(index)])
+        contrib = crop.astype(np.float32) * weights
         # Pixels of this tile not covered by any earlier tile (C order over the product grid)
         # form one box: along each axis, those past the end of the previous tile.
         fresh = tuple(
             slice(ax.stops[i - 1] - ax.starts[i] if i > 0 else 0, None)
-            for ax, i in zip(axes, index, strict=True)
+            for ax, i in zip(self.axes, index, strict=True)
         )
         key = (slice(None), *reg)
+        out = self.out
         if isinstance(out, np.ndarray):  # in place (includes np.memmap)
             view = out[key]
             view[(slice(None), *fresh)] = 0
@@ -588,34 +628,6 @@ def tiled_inference(
             current[(slice(None), *fresh)] = 0
             current += contrib
             out[key] = current
-
-    # ---- run --------------------------------------------------------------------------
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-unet-tiling")
-    pending: Future[np.ndarray] | None = None
-    try:
-        pending = executor.submit(read_batch, batches[0])
-        done = 0
-        for number, indices in enumerate(batches):
-            data = pending.result()
-            pending = None
-            if number + 1 < len(batches):
-                pending = executor.submit(read_batch, batches[number + 1])
-            if stop():
-                raise Cancelled("tiled inference was cancelled")
-            pred = np.asarray(predict_fn(data))
-            expected = (len(indices), out_channels, *tile_size)
-            if pred.shape != expected:
-                raise ValueError(f"predict_fn returned shape {pred.shape}, expected {expected}")
-            for b, index in enumerate(indices):
-                accumulate(index, pred[b])
-            done += len(indices)
-            yield done, total
-        return out
-    finally:
-        abort.set()
-        if pending is not None:
-            pending.cancel()
-        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def predict_tiled(predict_fn: Callable[[np.ndarray], Any], image: Any, **kw: Any) -> Any:
