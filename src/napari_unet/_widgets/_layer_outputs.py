@@ -168,35 +168,40 @@ def write_prediction(
         own,
     )
     if probabilities and prediction.probabilities is not None:
-        probs = prediction.probabilities
-        if segmenter_task == "instance":
-            channels = [(1, f"{src} [unet prob]")]
-        else:
-            names = classes or [f"class {k}" for k in range(probs.shape[0])]
-            channels = [(k, f"{src} [unet prob] {names[k]}") for k in range(probs.shape[0])]
-        for k, name in channels:
-            prev = find_own_layer(viewer, src, "probabilities", k)
-            data = _merge(
-                None if prev is None else np.asarray(prev.data),
-                probs[k],
-                region,
-                np.float32,
-                relabel=False,
-            )
-            _put_layer(
-                viewer,
-                "image",
-                data,
-                name,
-                {PLUGIN_KEY: True, "source": src, "kind": "probabilities", "class": k},
-                request.scale,
-                request.translate,
-                prev,
-                colormap="magma",
-                contrast_limits=(0.0, 1.0),
-                blending="additive",
-            )
+        _write_probabilities(viewer, request, prediction.probabilities, segmenter_task, classes)
     return layer
+
+
+def _write_probabilities(viewer, request: PredictRequest, probs, segmenter_task, classes) -> None:
+    """The plugin's probability layers of ``request`` (interior only for an instance model)."""
+    src, region = request.source, request.region
+    if segmenter_task == "instance":
+        channels = [(1, f"{src} [unet prob]")]
+    else:
+        names = classes or [f"class {k}" for k in range(probs.shape[0])]
+        channels = [(k, f"{src} [unet prob] {names[k]}") for k in range(probs.shape[0])]
+    for k, name in channels:
+        prev = find_own_layer(viewer, src, "probabilities", k)
+        data = _merge(
+            None if prev is None else np.asarray(prev.data),
+            probs[k],
+            region,
+            np.float32,
+            relabel=False,
+        )
+        _put_layer(
+            viewer,
+            "image",
+            data,
+            name,
+            {PLUGIN_KEY: True, "source": src, "kind": "probabilities", "class": k},
+            request.scale,
+            request.translate,
+            prev,
+            colormap="magma",
+            contrast_limits=(0.0, 1.0),
+            blending="additive",
+        )
 
 
 def write_preview(viewer: napari.Viewer, labels: np.ndarray, image: Image | None) -> Labels:

@@ -95,29 +95,11 @@ def start_prediction(
         if isinstance(result, Failure):
             on_error(result.message)
             return
-        from ._session import session_for
-
-        layers = []
         for _, pred in result:
             for note in getattr(pred, "notes", None) or []:
                 show_warning(note)  # e.g. out of GPU memory: smaller batches, or the CPU
-        session = session_for(viewer)
         try:
-            for i, (req, pred) in enumerate(result):
-                layer = _layers.write_prediction(
-                    viewer, req, pred, task_name, classes, probabilities
-                )
-                # the labels layer (not a probability layer) is the one to correct
-                viewer.layers.selection.active = layer
-                if isinstance(layer.data, np.ndarray) and layer.data.ndim >= 3:
-                    # a copy to find the corrected slices later: stacks only (in memory)
-                    session.remember_prediction(layer, layer.data)
-                elif isinstance(layer.data, np.ndarray):
-                    # 2D: a fingerprint, to refuse training on an uncorrected prediction
-                    digest = job.digests.get(i) if layer.data is pred.labels else None
-                    session.remember_digest(layer, digest or _layers.labels_digest(layer.data))
-                job.seconds[i] = float(getattr(pred, "seconds", 0.0) or 0.0)
-                layers.append(layer)
+            layers = _write_results(viewer, job, result, task_name, classes, probabilities)
         except Exception as e:  # noqa: BLE001 - shown, never raised into Qt
             logger.exception("napari-unet: could not write the prediction layers")
             on_error(f"could not write the prediction layers: {user_message(e)}")
@@ -141,3 +123,26 @@ def start_prediction(
     task.on_finished(finished)
     task.start()
     return task
+
+
+def _write_results(viewer, job: PredictJob, result, task_name, classes, probabilities) -> list:
+    """The results of ``job`` as the plugin's layers (GUI thread); remembers what the user
+    will correct: the prediction of a stack, the fingerprint of a 2D prediction."""
+    from ._session import session_for
+
+    session = session_for(viewer)
+    layers = []
+    for i, (req, pred) in enumerate(result):
+        layer = _layers.write_prediction(viewer, req, pred, task_name, classes, probabilities)
+        # the labels layer (not a probability layer) is the one to correct
+        viewer.layers.selection.active = layer
+        if isinstance(layer.data, np.ndarray) and layer.data.ndim >= 3:
+            # a copy to find the corrected slices later: stacks only (in memory)
+            session.remember_prediction(layer, layer.data)
+        elif isinstance(layer.data, np.ndarray):
+            # 2D: a fingerprint, to refuse training on an uncorrected prediction
+            digest = job.digests.get(i) if layer.data is pred.labels else None
+            session.remember_digest(layer, digest or _layers.labels_digest(layer.data))
+        job.seconds[i] = float(getattr(pred, "seconds", 0.0) or 0.0)
+        layers.append(layer)
+    return layers
