@@ -159,3 +159,9 @@ def test_balanced_tiles_put_fewer_pixels_through_the_network():
     assert run.tile_for((300, 512)) == [512, 512]  # fits in one tile: unchanged
     run.balance = False
     assert run.tile_for((2048, 2048)) == [512, 512]
+
+
+def test_the_command_line_offers_exactly_the_engines():
+    from napari_unet import _cli_predict
+
+    assert _cli_predict.ENGINE_CHOICES == engines.ENGINES

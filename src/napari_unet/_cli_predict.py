@@ -28,11 +28,14 @@ from ._cli_common import (
     read_tiff,
     write_tiff,
 )
-from .engines import ENGINES
 
 if TYPE_CHECKING:
     from .segmenter import Prediction, Segmenter
 
+
+#: ``napari_unet.engines.ENGINES``, written out: importing ``engines`` imports torch, and the
+#: command line starts without it (``--help`` stays instant; tests check the two agree)
+ENGINE_CHOICES = ("auto", "torch", "openvino", "onnxruntime")
 
 def _describe(seg: Segmenter, labels: np.ndarray) -> str:
     if seg.task == "instance":
@@ -150,7 +153,7 @@ def add_parser(sub: Any) -> None:
     device_opt(p)
     p.add_argument(
         "--engine",
-        choices=ENGINES,
+        choices=ENGINE_CHOICES,
         default="auto",
         help="who runs the network: auto (OpenVINO or ONNX Runtime on the CPU when installed, "
         "else torch), torch, openvino, onnxruntime (default: auto)",
