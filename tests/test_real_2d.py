@@ -223,3 +223,18 @@ def test_a_round_that_changes_nothing_leaves_the_model_alone(starter):
     assert events[-1].done and "nothing to learn" in events[-1].reason
     for k, v in seg.net.state_dict().items():
         assert torch.equal(v, starter.net.state_dict()[k]), k
+
+
+def test_noise_is_not_taken_for_one_giant_nucleus(starter):
+    """A foreground as wide as the image (noise, a flat field) tells no object size: no
+    estimate, and the image is predicted at its own size, not shrunk to a few pixels."""
+    from napari_unet.scale import MAX_ZOOM, MIN_ZOOM
+
+    everywhere = np.ones((256, 256), bool)
+    assert diameter_of_foreground(everywhere) is None
+    assert rescale_factor(5000.0, 18.0) == MIN_ZOOM  # bounded even when told so
+    assert rescale_factor(0.5, 18.0) == MAX_ZOOM
+    noise = np.random.default_rng(0).integers(0, 4000, (384, 384)).astype(np.uint16)
+    pred = starter.predict(noise, engine="torch")
+    assert pred.zoom == 1.0  # was 0.008: the image shrunk to 3 px and one "object"
+
