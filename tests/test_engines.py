@@ -165,3 +165,20 @@ def test_the_command_line_offers_exactly_the_engines():
     from napari_unet import _cli_predict
 
     assert _cli_predict.ENGINE_CHOICES == engines.ENGINES
+
+
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+def test_a_damaged_cached_export_falls_back_once_then_is_made_again(trained, engine,
+                                                                    monkeypatch, tmp_path):
+    seg, img = trained
+    monkeypatch.setenv("NAPARI_UNET_CACHE", str(tmp_path))
+    monkeypatch.setattr(engines, "_onnx", type(engines._onnx)())
+    monkeypatch.setattr(engines, "_sessions", type(engines._sessions)())
+    digest = engines.weights_digest(seg.net)
+    engines.cache_dir().mkdir(parents=True)
+    (engines.cache_dir() / f"{digest}.onnx").write_bytes(b"not an onnx file")
+    first = seg.predict(img, device="cpu", engine=engine)
+    assert first.engine == "torch" and any("failed" in n for n in first.notes)
+    second = seg.predict(img, device="cpu", engine=engine)
+    assert second.engine == engine and second.notes == []
+    assert np.array_equal(first.labels, second.labels)

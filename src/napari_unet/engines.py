@@ -315,7 +315,16 @@ def _engine_fn(engine: str, net: nn.Module, digest: str) -> PredictFn:
     with _lock:
         fn = _sessions.get(key)
     if fn is None:
-        fn = _serialised(_MAKERS[engine](_onnx_path(net, digest), threads))
+        path = _onnx_path(net, digest)
+        try:
+            fn = _serialised(_MAKERS[engine](path, threads))
+        except Exception:
+            # a damaged cached file (disk full, edited by hand): gone, so the next call exports
+            # the network again instead of failing the same way
+            with _lock:
+                _onnx.pop(digest, None)
+            path.unlink(missing_ok=True)
+            raise
         with _lock:
             _remember(_sessions, key, fn)
     return fn
