@@ -468,7 +468,7 @@ class _Tiler:
         lengths = tuple(s.stop - s.start for s in reg)
         crop = pred[(slice(None), *(slice(0, n) for n in lengths))]
         weights = _outer([self.windows[k][i] for k, i in enumerate(index)])
-        contrib = crop.astype(np.float32) * weights
+        contrib = np.multiply(crop, weights, dtype=np.float32)  # no extra copy of the crop
         # Pixels of this tile not covered by any earlier tile (C order over the product grid)
         # form one box: along each axis, those past the end of the previous tile.
         fresh = tuple(
