@@ -180,3 +180,20 @@ def test_finetune_on_masked_half_raises_f1_of_the_other_half(starter):
         pass
     after = f1_bottom(seg)
     assert after > before + 0.03, (before, after)
+
+
+def test_a_round_on_a_volume_predicts_volumes_at_the_zoom_it_trained_at():
+    """A 2D model fine-tuned on a volume trains every plane at one zoom, the one predict picks
+    for the volume, and predicts volumes at that zoom afterwards (2D images as before)."""
+    seg = nu.Segmenter.new(base_channels=4, depth=2, seed=0)
+    seg.config["diameter"] = 18.0
+    pairs = [D.make_nuclei((64, 64), seed=s) for s in range(6)]
+    vol, lab = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    assert seg.config.get("volume_zoom") is None
+    list(seg.finetune(vol, lab, axes="ZYX", steps=2, time_limit_s=None, seed=0))
+    zoom = seg.config["volume_zoom"]
+    assert zoom is not None and zoom > 0
+    assert seg.predict(vol, "ZYX", engine="torch").zoom == pytest.approx(zoom)
+    again = seg.config["volume_zoom"]
+    list(seg.finetune(vol, lab, axes="ZYX", steps=1, time_limit_s=None, seed=0))
+    assert seg.config["volume_zoom"] == again  # later rounds keep it

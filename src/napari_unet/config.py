@@ -159,6 +159,8 @@ class ModelConfig(Section):
     overlap: int = opt(lo=0)
     postprocess: Postprocess = field(default_factory=Postprocess)
     diameter: float | None = opt(None, lo=0.0, lo_open=True)
+    #: the zoom the last round on volumes trained at (2D model); predict uses it for volumes
+    volume_zoom: float | None = opt(None, lo=0.0, lo_open=True)
     created: str | None = opt(None)
     trained_on: list[str] = opt([])
     val_score: float | None = opt(None)

@@ -92,7 +92,7 @@ class _Sizer:
     from the objects of a first pass at the native size (:mod:`napari_unet.scale`).
     """
 
-    def __init__(self, seg: Segmenter, diameter: float | None, nd: int):
+    def __init__(self, seg: Segmenter, diameter: float | None, nd: int, zoom=None):
         if diameter is not None and not (
             isinstance(diameter, (int, float)) and math.isfinite(diameter) and diameter > 0
         ):
@@ -105,6 +105,9 @@ class _Sizer:
         self.refined = diameter is not None  # a diameter given is not second-guessed
         if self.active and self.diameter is not None:
             self.zoom, self.decided = rescale_factor(self.diameter, self.model_d), True
+        elif self.active and zoom is not None:  # the zoom a volume round trained at
+            self.zoom, self.decided, self.refined = float(zoom), True, True
+            self.diameter = float(self.model_d) / self.zoom
 
     def tiles(self, run, src, out: np.ndarray, transform, spatial) -> Generator[float, None, None]:
         """Predict one plane ``src`` (C, Y, X) into ``out`` (K, Y, X); yields progress 0..1."""

@@ -378,7 +378,13 @@ class Segmenter:
             image, axes, channel, scale, device, tile_shape, overlap, batch_size, labels_out,
             keep_probs, engine,
         )
-        sizer = _Sizer(self, diameter if labels_out is None else None, self.ndim)
+        volume = job.canon.shape[1] > 1 and self.ndim == 2 and diameter is None
+        sizer = _Sizer(
+            self,
+            diameter if labels_out is None else None,
+            self.ndim,
+            zoom=self.config.get("volume_zoom") if volume else None,
+        )
         try:
             with thread_limit(num_threads if job.run.device.type == "cpu" else None):
                 if labels_out is None:
