@@ -183,17 +183,22 @@ def test_finetune_on_masked_half_raises_f1_of_the_other_half(starter):
 
 
 def test_a_round_on_a_volume_predicts_volumes_at_the_zoom_it_trained_at():
-    """A 2D model fine-tuned on a volume trains every plane at one zoom, the one predict picks
-    for the volume, and predicts volumes at that zoom afterwards (2D images as before)."""
+    """A 2D model fine-tuned on a volume trains every plane at one zoom (predict's for the
+    volume, or the one an earlier round recorded) and predicts volumes at that zoom afterwards;
+    2D images keep their own estimate."""
+    from napari_unet.finetune import _Samples
+
     seg = nu.Segmenter.new(base_channels=4, depth=2, seed=0)
     seg.config["diameter"] = 18.0
     pairs = [D.make_nuclei((64, 64), seed=s) for s in range(6)]
     vol, lab = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-    assert seg.config.get("volume_zoom") is None
     list(seg.finetune(vol, lab, axes="ZYX", steps=2, time_limit_s=None, seed=0))
-    zoom = seg.config["volume_zoom"]
-    assert zoom is not None and zoom > 0
-    assert seg.predict(vol, "ZYX", engine="torch").zoom == pytest.approx(zoom)
-    again = seg.config["volume_zoom"]
+    assert seg.config["volume_zoom"] == pytest.approx(seg._zoom_for(vol[3][None], "CYX"))
+    seg.config["volume_zoom"] = 0.5  # as if an earlier round had trained at half size
+    assert seg.predict(vol, "ZYX", engine="torch").zoom == 0.5
+    assert seg.predict(vol[0], "YX", engine="torch").zoom != 0.5  # a 2D image: not forced
+    built = _Samples(seg, seg.model_config, False, 0.0, 0)
+    built.add_all([vol], [lab], None, "ZYX", None, None)
+    assert {s.image.shape[-2:] for s in built.samples} == {(32, 32)}  # every plane at 0.5
     list(seg.finetune(vol, lab, axes="ZYX", steps=1, time_limit_s=None, seed=0))
-    assert seg.config["volume_zoom"] == again  # later rounds keep it
+    assert seg.config["volume_zoom"] == 0.5  # later rounds keep it

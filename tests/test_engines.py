@@ -108,6 +108,7 @@ def test_an_engine_failing_mid_prediction_hands_over_to_torch(trained, monkeypat
     ref = seg.predict(img, device="cpu", engine="torch")
     got = seg.predict(img, device="cpu", engine=engines.available_engines()[0])
     assert any("cannot compile" in n for n in got.notes)
+    assert got.engine == "torch"  # the engine that really ran
     assert np.array_equal(got.labels, ref.labels)
 
 
@@ -152,13 +153,12 @@ def test_an_unknown_engine_is_refused_by_name():
 
 def test_balanced_tiles_put_fewer_pixels_through_the_network():
     seg = Segmenter.new(base_channels=8, depth=3)
-    run = _Run(seg, torch.device("cpu"), 1, [512, 512], 32, [])
-    run.balance = True
+    run = _Run(seg, torch.device("cpu"), 1, [512, 512], 32, [], balance=True)
     assert run.tile_for((2048, 2048)) == [536, 536]  # 4 tiles a side instead of 5
     assert run.tile_for((1024, 700)) == [528, 368]
     assert run.tile_for((300, 512)) == [512, 512]  # fits in one tile: unchanged
-    run.balance = False
-    assert run.tile_for((2048, 2048)) == [512, 512]
+    fixed = _Run(seg, torch.device("cpu"), 1, [512, 512], 32, [])  # a tile_shape given
+    assert fixed.tile_for((2048, 2048)) == [512, 512]
 
 
 def test_the_command_line_offers_exactly_the_engines():

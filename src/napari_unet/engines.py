@@ -222,9 +222,13 @@ def _onnx_path(net: nn.Module, digest: str) -> Path:
             raise RuntimeError(_failed[digest]) from e
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)  # a concurrent reader sees the whole file or none
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)  # a concurrent reader sees the whole file or none
+        finally:
+            if os.path.exists(tmp):  # a failed write (disk full) leaves no .part behind
+                os.unlink(tmp)
     with _lock:
         _remember(_onnx, digest, path)
     return path
@@ -337,54 +341,57 @@ def predictor(
     *,
     pixels: int | None = None,
     notes: list[str] | None = None,
-) -> tuple[PredictFn, str]:
-    """A function ``(B, C, *tile) float32 -> (B, K, *tile)`` probabilities, and the engine that
-    runs it. ``pixels`` (of the whole prediction) lets ``auto`` decide whether a missing export
-    is worth waiting for; fallbacks are appended to ``notes``."""
+) -> PredictFn:
+    """A function ``(B, C, *tile) float32 -> (B, K, *tile)`` probabilities; its ``engine``
+    attribute names the engine that runs it (``"torch"`` once a failing engine handed over).
+    ``pixels`` (of the whole prediction) lets ``auto`` decide whether a missing export is worth
+    waiting for; fallbacks are appended to ``notes``."""
     check_engine(engine)
     ndim = int(getattr(net, "ndim", 2))
+
+    def torch_fn(note: str | None = None) -> PredictFn:
+        if note is not None and notes is not None:
+            notes.append(note)
+        fn = _torch_predictor(net, device, ndim)
+        fn.engine = "torch"  # type: ignore[attr-defined]
+        return fn
+
     wanted = engine
     if engine == "auto":
         installed = available_engines() if device.type == "cpu" else []
         wanted = installed[0] if installed else "torch"
     elif engine != "torch" and device.type != "cpu":
-        if notes is not None:
-            notes.append(f"engine {engine!r} runs on the CPU only: used torch on {device}")
-        wanted = "torch"
+        return torch_fn(f"engine {engine!r} runs on the CPU only: used torch on {device}")
     if wanted == "torch":
-        return _torch_predictor(net, device, ndim), "torch"
+        return torch_fn()
     if importlib.util.find_spec(_MODULES[wanted]) is None:
-        if notes is not None:
-            notes.append(
-                f"engine {wanted!r} is not installed (pip install {_MODULES[wanted]}): "
-                "used torch"
-            )
-        return _torch_predictor(net, device, ndim), "torch"
+        return torch_fn(
+            f"engine {wanted!r} is not installed (pip install {_MODULES[wanted]}): used torch"
+        )
     digest = weights_digest(net)
     if engine == "auto" and not is_exported(digest) and (pixels or 0) < EXPORT_NOW_PIXELS:
         if digest not in _failed:
             export_in_background(net, digest)
-        return _torch_predictor(net, device, ndim), "torch"
+        return torch_fn()
+
     def fall_back(e: BaseException) -> PredictFn:
         msg = f"the {wanted} engine failed ({e}): predicted with torch"
         logger.warning("napari-unet: %s", msg)
-        if notes is not None:
-            notes.append(msg)
-        return _torch_predictor(net, device, ndim)
+        return torch_fn(msg)
 
     try:
         fn = _engine_fn(wanted, net, digest)
     except Exception as e:  # noqa: BLE001 - any engine failure: torch takes over, and says so
-        return fall_back(e), "torch"
-    state: dict[str, PredictFn] = {}
+        return fall_back(e)
 
     def guarded(batch: np.ndarray) -> np.ndarray:
-        if "torch" in state:
-            return state["torch"](batch)
+        if guarded.engine == "torch":
+            return guarded.torch(batch)
         try:
             return fn(batch)
         except Exception as e:  # noqa: BLE001 - e.g. a shape the engine cannot compile
-            state["torch"] = fall_back(e)
-            return state["torch"](batch)
+            guarded.torch, guarded.engine = fall_back(e), "torch"
+            return guarded.torch(batch)
 
-    return guarded, wanted
+    guarded.engine = wanted  # type: ignore[attr-defined]
+    return guarded

@@ -76,8 +76,6 @@ def finetune(
     cfg = seg.model_config
     built = _Samples(seg, cfg, safe, val_fraction, seed)
     built.add_all(images, labels, masks, axes, channel, names)
-    if built.volume_zooms:  # predict volumes at the zoom this round trained at
-        seg.config["volume_zoom"] = float(np.median(built.volume_zooms))
     samples, safe, guard = built.samples, built.safe, built.guard
     patch = _patch(samples, patch_shape, seg.ndim, seg.net.divisor)
     batch_size = batch_size or (BATCH_2D if seg.ndim == 2 else BATCH_3D)
@@ -131,6 +129,8 @@ def finetune(
         seg.net.eval().to("cpu")
         if last is not None:
             _record(seg.config, last, started, built.names, built.n_objects, lr, patch)
+            if built.volume_zooms:  # volumes are predicted at the zoom this round trained at
+                seg.config["volume_zoom"] = float(np.median(built.volume_zooms))
 
 
 def _replay(seg: Segmenter, built: _Samples) -> tuple[list, int | None]:
@@ -246,9 +246,7 @@ class _Samples:
             # (a later round keeps the first one's zoom: the model's own estimate moves with it)
             self.zoom = self.cfg.volume_zoom
             if self.zoom is None:
-                mid = np.asarray(canon[0, Z // 2])
-                pred = seg.predict(mid, "CYX", engine="torch", return_probabilities=False)
-                self.zoom = pred.zoom
+                self.zoom = seg._zoom_for(np.asarray(canon[0, Z // 2]), "CYX")
             self.volume_zooms.append(self.zoom)
         if Z > 1 and self.auto_safe:
             # volumes are assembled in 3D: a per-slice guard misjudges them (measured: it

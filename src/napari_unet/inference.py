@@ -88,7 +88,8 @@ def _plane_order(n: int) -> list[int]:
 class _Sizer:
     """Resizes the planes of one prediction so the objects come out at the model's diameter.
 
-    The zoom is decided once, on the first plane predicted: from the ``diameter`` given, or
+    The zoom is decided once, on the first plane predicted: from the ``diameter`` given, the
+    ``zoom`` given (a volume round's ``volume_zoom``), or
     from the objects of a first pass at the native size (:mod:`napari_unet.scale`).
     """
 
@@ -210,7 +211,10 @@ class _Run:
     then the CPU. Every step is recorded in ``notes`` and issued as a ``RuntimeWarning``.
     """
 
-    def __init__(self, seg: Segmenter, dev, batch: int, tile: list[int], overlap: int, notes):
+    def __init__(
+        self, seg: Segmenter, dev, batch: int, tile: list[int], overlap: int, notes, *,
+        engine: str = "torch", pixels: int | None = None, balance: bool = False,
+    ):  # fmt: skip
         self.seg = seg
         self.device = dev
         self.batch = batch
@@ -220,10 +224,14 @@ class _Run:
         self.notes = notes
         self.div = seg.net.divisor
         self.k = seg.net.out_channels
-        self.engine, self.pixels = "torch", None
-        self.balance = False  # True: tiles sized to each image (see tile_for)
+        self.engine, self.pixels = engine, pixels
+        self.balance = balance  # True: tiles sized to each image (see tile_for)
         self.fn = None  # made at the first tile, under the prediction's thread limit
-        self.engine_used = "torch"
+
+    @property
+    def engine_used(self) -> str:
+        """The engine that ran the last tiles (torch after a fallback)."""
+        return getattr(self.fn, "engine", "torch")
 
     def tile_for(self, spatial: Sequence[int]) -> list[int]:
         """The tile for an image of ``spatial`` size. With ``balance`` (the model's default
@@ -254,7 +262,6 @@ class _Run:
         """Predict ``src`` into ``out``; yields the fraction of tiles done."""
         if self.fn is None:
             self.fn = self.seg._predictor(self.device, self.engine, self.pixels, self.notes)
-            self.engine_used = self.seg._engine_used
         while True:
             gen = tiled_inference(
                 self.fn,
@@ -299,7 +306,6 @@ class _Run:
                 "CPU (slower); close other programs using the GPU or use a smaller model"
             )
             self.device, self.fn = cpu, self.seg._predictor(cpu, self.engine, self.pixels)
-            self.engine_used = self.seg._engine_used
             self.batch, self.tile = 2, list(self.tile0)
             _release(dev)
         else:

@@ -183,7 +183,6 @@ SMALL_FLOOD = 1 << 17
 #: Elevation levels of :func:`flood` (the valley between two touching nuclei is found to 1/64
 #: of the interior probability).
 LEVELS = 64
-_OFFSETS_CACHE: dict[tuple[int, ...], np.ndarray] = {}
 
 
 def flood(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -273,11 +273,10 @@ class Segmenter:
 
     # ------------------------------------------------------------------ prediction
     def _predictor(self, device: torch.device, engine: str = "torch", pixels=None, notes=None):
-        """``(B, C, *tile) -> (B, K, *tile)`` probabilities on ``device`` by ``engine``, and the
-        engine used (see :func:`napari_unet.engines.predictor`)."""
-        fn, used = engines.predictor(self.net, device, engine, pixels=pixels, notes=notes)
-        self._engine_used = used
-        return fn
+        """``(B, C, *tile) -> (B, K, *tile)`` probabilities on ``device`` by ``engine``; the
+        function's ``engine`` attribute names the engine that ran (see
+        :func:`napari_unet.engines.predictor`)."""
+        return engines.predictor(self.net, device, engine, pixels=pixels, notes=notes)
 
     def predict(self, image: Any, axes: str | None = None, **kwargs: Any) -> Prediction:
         """Segment an image.
@@ -408,6 +407,19 @@ class Segmenter:
             job.run.engine_used,
         )
 
+    def _zoom_for(self, plane: np.ndarray, axes: str) -> float:
+        """The zoom :meth:`predict` picks for a 2D plane (its first pass, and the refinement
+        for big objects), without the post-processing a whole prediction would add."""
+        job = self._plan(plane, axes, None, None, "auto", None, None, None, None, False, "torch")
+        sizer = _Sizer(self, None, self.ndim)
+        out = np.zeros((self.net.out_channels, *job.spatial), np.float32)
+        try:
+            for _ in sizer.tiles(job.run, job.source(0, 0), out, job.transform, job.spatial):
+                pass
+        finally:
+            _release(job.run.device)
+        return sizer.zoom
+
     def _plan(
         self, image, axes, channel, scale, device, tile_shape, overlap, batch_size, labels_out,
         keep_probs, engine,
@@ -439,8 +451,10 @@ class Segmenter:
             batch_size = self._auto_batch_size(dev, tile_eff)
         elif int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        run = _Run(self, dev, int(batch_size), tile_eff, ov, notes)
-        run.engine, run.pixels, run.balance = engine, T * Z * Y * X, tile_shape is None
+        run = _Run(
+            self, dev, int(batch_size), tile_eff, ov, notes,
+            engine=engine, pixels=T * Z * Y * X, balance=tile_shape is None,
+        )
         return _Job(canon, keep, scale_keep, spacing, run, spatial, lo, hi, nd, notes)
 
     def _in_memory(self, job: _Job, sizer: _Sizer, keep_probs: bool):
