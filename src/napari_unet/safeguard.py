@@ -36,6 +36,7 @@ __all__ = [
     "fit_to_model_size",
     "replay_samples",
     "own_predictions",
+    "replay_bank",
     "round_plan",
     "round_lr",
     "Guard",
@@ -112,6 +113,58 @@ def replay_samples(seg, n: int = 2, size: int = 160, seed: int = 12345):
             )
         )
     return out
+
+
+#: the shipped replay banks: crops of the data a shipped model learned from
+BANKS = ("nuclei",)
+
+
+def replay_bank(seg) -> list:
+    """Crops of the real and generated images the model learned from, ready to train on.
+
+    A shipped model comes with a bank of crops of its training data
+    (``models/<name>/replay.npz``, built by ``scripts/make_replay_bank.py``). A model uses a
+    bank when it learned from the bank's data (the bank's sources are in its ``trained_on``:
+    the starter and every model fine-tuned from it) and normalises images as the bank was
+    normalised. Mixed into a correction round, they keep it from forgetting the other kinds of
+    images it knew while it learns the user's corrections (measured in ``docs/benchmarks.md``).
+    Returns a list of :class:`~napari_unet.training.TrainSample` marked ``replay``, or ``[]``.
+    """
+    from importlib import resources
+
+    from .targets import instance_targets
+    from .training import TrainSample
+
+    cfg = seg.config
+    arch = seg.model_config.architecture
+    if seg.ndim != 2 or cfg.get("task") != "instance" or arch.in_channels != 1:
+        return []
+    seen = set(cfg.get("trained_on") or [])
+    norm = cfg.get("normalization") or {}
+    for name in BANKS:
+        path = resources.files("napari_unet") / "models" / name / "replay.npz"
+        if not path.is_file():
+            continue
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as bank:
+            sources = [str(x) for x in bank["sources"]]
+            method, low, high = (str(x) for x in bank["normalization"])
+            same_norm = norm.get("method") == method and (
+                math.isclose(float(norm.get("low", -1)), float(low))
+                and math.isclose(float(norm.get("high", -1)), float(high))
+            )
+            if not same_norm or not any(src in seen for src in sources):
+                continue
+            images, labels = bank["images"], bank["labels"]
+            return [
+                TrainSample(
+                    np.ascontiguousarray(x[None], np.float32),
+                    instance_targets(lab.astype(np.int32)),
+                    name="",
+                    replay=True,
+                )
+                for x, lab in zip(images, labels, strict=True)
+            ]
+    return []
 
 
 def own_predictions(seg, samples, confidence: float = 0.0, max_pixels: int = 1024 * 1024):

@@ -27,6 +27,7 @@ from scipy import ndimage
 
 __all__ = [
     "BAND",
+    "NEAR",
     "diameter_of_labels",
     "diameter_of_foreground",
     "rescale_factor",
@@ -38,6 +39,9 @@ __all__ = [
 #: The network is trained on objects from ``diameter / BAND`` to ``diameter * BAND`` and images
 #: whose objects fall in that band are predicted as they are (no resampling cost).
 BAND = 1.45
+#: Objects within this factor of the trained size are predicted as they are (no resampling
+#: pass); all others are resized to the trained size.
+NEAR = 1.1
 #: equivalent diameter / (2 * inscribed radius), measured on the shared DSB2018 masks (1.10-1.2)
 _SHAPE_FACTOR = 1.15
 #: Bounds of the zoom: objects 10x the trained size are shrunk 10x, no more; tiny ones are
@@ -104,18 +108,24 @@ def diameter_of_foreground(foreground: np.ndarray) -> float | None:
 def rescale_factor(diameter: float | None, model_diameter: float | None) -> float:
     """Zoom to apply to an image whose objects are ``diameter`` px so the model sees them well.
 
-    1.0 when either is unknown or the objects already lie within the trained band; else the
-    zoom that brings them to the band's nearest edge (so that small objects are enlarged no
-    more than needed, which keeps prediction cheap), or to the model's diameter when far out.
+    1.0 when either is unknown or the objects are within :data:`NEAR` of the trained size;
+    else the zoom that brings them to the trained size (bounded by ``MIN_ZOOM``/``MAX_ZOOM``),
+    as the starter saw its training nuclei.
+
+    Measured on the shared DSB2018 images the starter was not trained on (7 images, F1 at IoU
+    0.5, pooled): 0.878 when objects inside the trained band (``diameter / BAND`` to
+    ``diameter * BAND``) were left as they were and those outside it brought to its nearest
+    edge or the trained size, 0.890 resizing all to the trained size (0.899 resizing even
+    those within 10 %, which costs a second pass on nearly every image). The old rule also
+    jumped: an estimate crossing the band's edge changed the zoom by 45 %, so a round that
+    moved the estimate a little moved F1 a lot.
     """
     if not diameter or not model_diameter or diameter <= 0 or model_diameter <= 0:
         return 1.0
     ratio = model_diameter / diameter
-    if 1.0 / BAND <= ratio <= BAND:
+    if 1.0 / NEAR <= ratio <= NEAR:
         return 1.0
-    # shrink big objects all the way to the trained size (cheap); grow small ones to the band
-    zoom = ratio if ratio < 1.0 else ratio / math.sqrt(BAND)
-    return min(max(zoom, MIN_ZOOM), MAX_ZOOM)
+    return min(max(ratio, MIN_ZOOM), MAX_ZOOM)
 
 
 def zoomed_shape(shape: Sequence[int], factor: float, minimum: int = 8) -> tuple[int, ...]:

@@ -407,9 +407,10 @@ class Segmenter:
             job.run.engine_used,
         )
 
-    def _zoom_for(self, plane: np.ndarray, axes: str) -> float:
+    def _zoom_for(self, plane: np.ndarray, axes: str, with_diameter: bool = False):
         """The zoom :meth:`predict` picks for a 2D plane (its first pass, and the refinement
-        for big objects), without the post-processing a whole prediction would add."""
+        for big objects), without the post-processing a whole prediction would add; with
+        ``with_diameter``, ``(zoom, estimated diameter or None)``."""
         job = self._plan(plane, axes, None, None, "auto", None, None, None, None, False, "torch")
         sizer = _Sizer(self, None, self.ndim)
         out = np.zeros((self.net.out_channels, *job.spatial), np.float32)
@@ -418,7 +419,7 @@ class Segmenter:
                 pass
         finally:
             _release(job.run.device)
-        return sizer.zoom
+        return (sizer.zoom, sizer.diameter) if with_diameter else sizer.zoom
 
     def _plan(
         self, image, axes, channel, scale, device, tile_shape, overlap, batch_size, labels_out,
