@@ -264,3 +264,16 @@ def test_the_starter_replays_crops_of_its_own_training_data(starter):
     other = starter.copy()
     other.config["trained_on"] = ["my own images"]
     assert replay_bank(other) == []
+
+
+def test_a_small_round_that_forgets_the_images_it_learned_from_is_undone(starter):
+    img, lab = make_realistic_nuclei((128, 128), seed=5)
+    wrong = np.zeros_like(lab)  # three "nuclei" that are nothing of the kind
+    wrong[10:60, 10:60], wrong[70:120, 10:60], wrong[40:100, 70:120] = 1, 2, 3
+    seg = starter.copy()
+    last = None
+    for last in seg.finetune(img, wrong, steps=40, time_limit_s=None, lr=3e-3, num_threads=2):  # noqa: B007
+        pass
+    assert "(forgetting them)" in last.reason, last.reason
+    for k, v in seg.net.state_dict().items():
+        assert torch.equal(v, starter.net.state_dict()[k]), k

@@ -24,11 +24,14 @@ from .metrics import instance_f1
 from .model import UNet
 from .safeguard import (
     AGREEMENT,
+    BANK_HOLD_EVERY,
+    BANK_OBJECTS,
     FEW_OBJECTS,
     TOLERANCE,
     Guard,
     _instances,
     agreement,
+    bank_score,
     fit_to_model_size,
     own_predictions,
     replay_bank,
@@ -96,7 +99,9 @@ def finetune(
     before = guard.score(seg.net, pp) if guard is not None else None
     # a small round is also judged by how much it changes the uncorrected parts
     judge = own if safe and n_corr < FEW_OBJECTS else []
-    keep_old = before is not None or bool(judge)
+    held = built.bank_held if safe else []
+    bank_before = bank_score(seg.net, held, pp)
+    keep_old = before is not None or bool(judge) or bank_before is not None
     start_state = copy.deepcopy(seg.net.state_dict()) if keep_old else None
 
     started = _now()
@@ -124,6 +129,8 @@ def finetune(
                 seg._guard_bank = guard.items
                 if start_state is not None:
                     last.reason += _keep_better(seg.net, guard, before, start_state, pp, judge)
+                    if "kept the previous" not in last.reason:
+                        last.reason += _kept_bank(seg.net, held, bank_before, start_state, pp)
             yield last
     finally:
         gen.close()
@@ -151,6 +158,11 @@ def _replay(seg: Segmenter, built: _Samples) -> tuple[list, int | None]:
     # lets a round of a few objects forget the other kinds of images the model knew; the
     # crops of its own training data (when it ships with them) keep those
     bank = replay_bank(seg)
+    held = bank[::BANK_HOLD_EVERY]
+    if n_corr is None or n_corr >= BANK_OBJECTS:
+        held = []  # many corrections may mean other images: it may adapt away from the bank
+    built.bank_held = held
+    bank = [b for b in bank if not any(b is h for h in held)]
     samples += own + bank if own or bank else replay_samples(seg)
     guard.items = getattr(seg, "_guard_bank", []) + guard.items
     return own, n_corr
@@ -204,6 +216,7 @@ class _Samples:
         self.names: list[str] = []
         self.zoom: float | None = None  # one zoom for all planes of the current volume
         self.volume_zooms: list[float] = []
+        self.bank_held: list = []  # replay-bank crops kept out of the round to judge it
 
     def add_all(self, images, labels, masks, axes, channel, names) -> None:
         imgs, labs = _as_list(images), _as_list(labels)
@@ -329,15 +342,10 @@ def _keep_better(net: UNet, guard: Guard, before, start_state: dict, pp: dict, j
     nothing was corrected. Returns what to add to the round's ``reason``."""
     said = ""
     if before is not None:
-        after = guard.score(net, pp)
         what = f"{len(guard)} corrected object(s) it did not train on"
-        if after is not None and after < before - TOLERANCE:
-            net.load_state_dict(start_state)
-            return (
-                f"; kept the previous model: on {what} the new one scored {after:.3f}, "
-                f"the previous one {before:.3f}"
-            )
-        said = f"; on {what} it scores {after:.3f} (was {before:.3f})"
+        said = _judged(net, what, before, guard.score(net, pp), start_state)
+        if "kept the previous" in said:
+            return said
     same = agreement(net, judge, pp) if judge else None
     if same is not None and same < AGREEMENT:
         net.load_state_dict(start_state)
@@ -348,6 +356,27 @@ def _keep_better(net: UNet, guard: Guard, before, start_state: dict, pp: dict, j
     if same is not None:
         said += f"; {same:.0%} of the objects where nothing was corrected unchanged"
     return said
+
+
+def _kept_bank(net: UNet, held: list, before, start_state: dict, pp: dict) -> str:
+    """After a small safe round: the old weights back if the new ones forgot the images the
+    model learned from (lower on the replay-bank crops kept out of the round)."""
+    if before is None:
+        return ""
+    what = f"{len(held)} crops of the images it was trained on"
+    return _judged(net, what, before, bank_score(net, held, pp), start_state, " (forgetting them)")
+
+
+def _judged(net: UNet, what: str, before: float, after, start_state: dict, why: str = "") -> str:
+    """The old weights back when ``after`` is below ``before`` by more than the tolerance;
+    returns what to add to the round's ``reason``."""
+    if after is not None and after < before - TOLERANCE:
+        net.load_state_dict(start_state)
+        return (
+            f"; kept the previous model: on {what} the new one scored {after:.3f}, "
+            f"the previous one {before:.3f}{why}"
+        )
+    return f"; on {what} it scores {after:.3f} (was {before:.3f})" if after is not None else ""
 
 
 def _validate(net: UNet, sample: TrainSample, pp: dict) -> float:
