@@ -256,9 +256,12 @@ def test_the_starter_replays_crops_of_its_own_training_data(starter):
     assert all((s.target == 1).any() and (s.target == 2).any() for s in bank)
     # a fine-tuned descendant keeps it (it learned from the same data)
     child = starter.copy()
+    child.config["size_bias"] = None  # measured again after the round
     for _ in child.finetune(*make_realistic_nuclei((96, 96), seed=3), steps=2, time_limit_s=None):
         pass
     assert len(replay_bank(child)) == len(bank)
+    # and the size bias was measured again on the new weights
+    assert child.config["size_bias"] is not None and 1.0 < child.config["size_bias"] < 1.5
     # a model that never saw the bank's images does not replay them
     assert replay_bank(nu.Segmenter.new("instance", 1, base_channels=4, depth=2)) == []
     other = starter.copy()
@@ -277,3 +280,23 @@ def test_a_small_round_that_forgets_the_images_it_learned_from_is_undone(starter
     assert "(forgetting them)" in last.reason, last.reason
     for k, v in seg.net.state_dict().items():
         assert torch.equal(v, starter.net.state_dict()[k]), k
+
+
+def test_the_size_estimate_is_corrected_by_the_models_measured_bias(starter):
+    from napari_unet.safeguard import size_bias
+
+    assert starter.config["size_bias"] == pytest.approx(size_bias(starter), abs=1e-3)
+    assert 1.0 < starter.config["size_bias"] < 1.5  # its foreground is fatter than the labels
+    unbiased = starter.copy()
+    unbiased.config["size_bias"] = None
+    errors = []
+    for seed in (1, 2, 3):
+        img, lab = make_realistic_nuclei((192, 192), radius=(14.0, 18.0), seed=seed)
+        truth = diameter_of_labels(lab)
+        errors.append(
+            (
+                abs(starter.predict(img).diameter - truth),
+                abs(unbiased.predict(img).diameter - truth),
+            )
+        )
+    assert sum(e[0] for e in errors) < sum(e[1] for e in errors), errors

@@ -15,6 +15,7 @@ is replaced without ``--overwrite``; each store appears at its name only when co
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from . import omezarr as oz
 
 OME_ZARR_SUFFIX = ".ome.zarr"
 LABEL_NAME = "unet"
+#: images up to this many pixels are predicted in memory (probabilities ~12 bytes a pixel)
+IN_MEMORY_PIXELS = 16 * 1024 * 1024
 
 
 def _cli():
@@ -153,6 +156,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             image_scale=scale,
             overwrite=args.overwrite,
         )
+        # an image that fits in memory is predicted whole, as from a TIFF (with the object-size
+        # zoom, which the chunk-by-chunk path does not apply), then written
+        whole = math.prod(shape) <= IN_MEMORY_PIXELS
         with writer:
             pred = cli._run_prediction(
                 seg,
@@ -163,8 +169,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 tile_shape=tile,
                 channel=args.channel,
                 batch_size=args.batch_size,
-                labels_out=writer.array,
+                **({"return_probabilities": False} if whole else {"labels_out": writer.array}),
             )
+            if whole:
+                writer.array[...] = pred.labels
             writer.finish()
         print(
             f"{p.name}: {pred.seconds:.2f} s ({pred.device}) -> {target} "

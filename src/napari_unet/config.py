@@ -161,6 +161,9 @@ class ModelConfig(Section):
     diameter: float | None = opt(None, lo=0.0, lo_open=True)
     #: the zoom the last round on volumes trained at (2D model); predict uses it for volumes
     volume_zoom: float | None = opt(None, lo=0.0, lo_open=True)
+    #: how much larger than the truth the model measures objects (its estimate / the labels'
+    #: diameter on its replay bank); predict divides its size estimate by it
+    size_bias: float | None = opt(None, lo=0.0, lo_open=True)
     created: str | None = opt(None)
     trained_on: list[str] = opt([])
     val_score: float | None = opt(None)

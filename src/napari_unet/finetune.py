@@ -38,6 +38,7 @@ from .safeguard import (
     replay_samples,
     round_lr,
     round_plan,
+    size_bias,
 )
 from .scale import resize_image, resize_labels, zoomed_shape
 from .segmenter import _as_list, _normalizer, _now, _round_up, resolve_device
@@ -137,6 +138,8 @@ def finetune(
         seg.net.eval().to("cpu")
         if last is not None:
             _record(seg.config, last, started, built.names, built.n_objects, lr, patch)
+            if built.bank and last.step > 0:  # the size the model measures moved with it
+                seg.config["size_bias"] = size_bias(seg, built.bank)
             if built.volume_zooms:  # volumes are predicted at the zoom this round trained at
                 seg.config["volume_zoom"] = float(np.median(built.volume_zooms))
 
@@ -161,7 +164,7 @@ def _replay(seg: Segmenter, built: _Samples) -> tuple[list, int | None]:
     held = bank[::BANK_HOLD_EVERY]
     if n_corr is None or n_corr >= BANK_OBJECTS:
         held = []  # many corrections may mean other images: it may adapt away from the bank
-    built.bank_held = held
+    built.bank_held, built.bank = held, bank
     bank = [b for b in bank if not any(b is h for h in held)]
     samples += own + bank if own or bank else replay_samples(seg)
     guard.items = getattr(seg, "_guard_bank", []) + guard.items
@@ -217,6 +220,7 @@ class _Samples:
         self.zoom: float | None = None  # one zoom for all planes of the current volume
         self.volume_zooms: list[float] = []
         self.bank_held: list = []  # replay-bank crops kept out of the round to judge it
+        self.bank: list = []  # all of the model's replay-bank crops
 
     def add_all(self, images, labels, masks, axes, channel, names) -> None:
         imgs, labs = _as_list(images), _as_list(labels)

@@ -79,6 +79,11 @@ def _normalizer(lo: np.ndarray, hi: np.ndarray, channel_axis: int, ndim: int):
     return transform
 
 
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    """The transform of a plane that is normalised already."""
+    return np.array(x, np.float32)  # a copy, as the normaliser gives
+
+
 def _plane_order(n: int) -> list[int]:
     """Planes of a stack, the middle one first (the object size is measured on it)."""
     mid = n // 2
@@ -99,6 +104,7 @@ class _Sizer:
         ):
             raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
         self.model_d = seg.config.get("diameter")
+        self.bias = float(seg.config.get("size_bias") or 1.0)  # see safeguard.size_bias
         self.active = nd == 2 and seg.task == "instance" and bool(self.model_d)
         self.diameter = float(diameter) if diameter is not None else None
         self.zoom: float = 1.0
@@ -110,6 +116,11 @@ class _Sizer:
             self.zoom, self.decided, self.refined = float(zoom), True, True
             self.diameter = float(self.model_d) / self.zoom
 
+    def _measured(self, foreground: np.ndarray) -> float | None:
+        """The objects' diameter from the model's foreground, less the model's size bias."""
+        d = diameter_of_foreground(foreground)
+        return d / self.bias if d else d
+
     def tiles(self, run, src, out: np.ndarray, transform, spatial) -> Generator[float, None, None]:
         """Predict one plane ``src`` (C, Y, X) into ``out`` (K, Y, X); yields progress 0..1."""
         if not self.active:
@@ -120,7 +131,7 @@ class _Sizer:
             for d in run.tiles(src, out, transform, spatial):
                 yield 0.5 * d
             self.decided = True
-            self.diameter = diameter_of_foreground(out[0] < 0.5)
+            self.diameter = self._measured(out[0] < 0.5)
             self.zoom = rescale_factor(self.diameter, self.model_d)
             if self.zoom == 1.0:
                 yield 1.0
@@ -128,16 +139,18 @@ class _Sizer:
         if self.zoom == 1.0:
             yield from run.tiles(src, out, transform, spatial)
             return
-        plane = np.asarray(src[tuple(slice(None) for _ in range(3))], np.float32)
+        # normalised before the resizing (both are linear): a raw plane beyond float32's range
+        # (float64 x 1e300) would overflow to inf in a float32 resize
+        plane = transform(np.asarray(src[tuple(slice(None) for _ in range(3))]))
         small = zoomed_shape(spatial, self.zoom)
         buf = np.zeros((out.shape[0], *small), np.float32)
-        for d in run.tiles(resize_image(plane, small), buf, transform, small):
+        for d in run.tiles(resize_image(plane, small), buf, _as_float32, small):
             yield d
         if not self.refined and self.zoom < 1.0:
             # big objects were measured on a pass at the native size, where the network cuts
             # them into pieces: measure again at this size and shrink further if they are bigger
             self.refined = True
-            again = diameter_of_foreground(buf[0] < 0.5)
+            again = self._measured(buf[0] < 0.5)
             better = rescale_factor(again / self.zoom, self.model_d) if again else 1.0
             if better < 0.85 * self.zoom:
                 self.diameter, self.zoom = again / self.zoom, better
