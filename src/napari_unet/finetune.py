@@ -268,7 +268,7 @@ class _Samples:
             # (a later round keeps the first one's zoom: the model's own estimate moves with it)
             self.zoom = self.cfg.volume_zoom
             if self.zoom is None:
-                self.zoom = seg._zoom_for(np.asarray(canon[0, Z // 2]), "CYX")
+                self.zoom = seg._zoom_for(np.asarray(canon[0, Z // 2]), "CYX", volume=True)
             self.volume_zooms.append(self.zoom)
         elif Z == 1 and seg.ndim == 2 and seg.task == "instance" and self.cfg.diameter:
             # a 2D image trains at the zoom predict picks for it, from the model's own estimate

@@ -383,6 +383,7 @@ class Segmenter:
             diameter if labels_out is None else None,
             self.ndim,
             zoom=self.config.get("volume_zoom") if volume else None,
+            volume=job.canon.shape[1] > 1,
         )
         try:
             with thread_limit(num_threads if job.run.device.type == "cpu" else None):
@@ -407,12 +408,13 @@ class Segmenter:
             job.run.engine_used,
         )
 
-    def _zoom_for(self, plane: np.ndarray, axes: str, with_diameter: bool = False):
+    def _zoom_for(self, plane: np.ndarray, axes: str, with_diameter=False, volume=False):
         """The zoom :meth:`predict` picks for a 2D plane (its first pass, and the refinement
         for big objects), without the post-processing a whole prediction would add; with
-        ``with_diameter``, ``(zoom, estimated diameter or None)``."""
+        ``with_diameter``, ``(zoom, estimated diameter or None)``; ``volume``: the plane is the
+        middle one of a volume."""
         job = self._plan(plane, axes, None, None, "auto", None, None, None, None, False, "torch")
-        sizer = _Sizer(self, None, self.ndim)
+        sizer = _Sizer(self, None, self.ndim, volume=volume)
         out = np.zeros((self.net.out_channels, *job.spatial), np.float32)
         try:
             for _ in sizer.tiles(job.run, job.source(0, 0), out, job.transform, job.spatial):
