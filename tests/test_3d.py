@@ -193,7 +193,9 @@ def test_a_round_on_a_volume_predicts_volumes_at_the_zoom_it_trained_at():
     pairs = [D.make_nuclei((64, 64), seed=s) for s in range(6)]
     vol, lab = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
     list(seg.finetune(vol, lab, axes="ZYX", steps=2, time_limit_s=None, seed=0))
-    assert seg.config["volume_zoom"] == pytest.approx(seg._zoom_for(vol[3][None], "CYX"))
+    assert seg.config["volume_zoom"] == pytest.approx(
+        seg._zoom_for(vol[3][None], "CYX", volume=True)[0]
+    )
     seg.config["volume_zoom"] = 0.5  # as if an earlier round had trained at half size
     assert seg.predict(vol, "ZYX", engine="torch").zoom == 0.5
     assert seg.predict(vol[0], "YX", engine="torch").zoom != 0.5  # a 2D image: not forced

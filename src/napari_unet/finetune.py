@@ -138,7 +138,8 @@ def finetune(
         seg.net.eval().to("cpu")
         if last is not None:
             _record(seg.config, last, started, built.names, built.n_objects, lr, patch)
-            if built.bank and last.step > 0:  # the size the model measures moved with it
+            # the size the model measures moved with its weights (unchanged when undone)
+            if built.bank and last.step > 0 and "kept the previous" not in last.reason:
                 seg.config["size_bias"] = size_bias(seg, built.bank)
             if built.volume_zooms:  # volumes are predicted at the zoom this round trained at
                 seg.config["volume_zoom"] = float(np.median(built.volume_zooms))
@@ -165,7 +166,8 @@ def _replay(seg: Segmenter, built: _Samples) -> tuple[list, int | None]:
     if n_corr is None or n_corr >= BANK_OBJECTS:
         held = []  # many corrections may mean other images: it may adapt away from the bank
     built.bank_held, built.bank = held, bank
-    bank = [b for b in bank if not any(b is h for h in held)]
+    if held:
+        bank = [b for i, b in enumerate(bank) if i % BANK_HOLD_EVERY]
     samples += own + bank if own or bank else replay_samples(seg)
     guard.items = getattr(seg, "_guard_bank", []) + guard.items
     return own, n_corr
@@ -268,7 +270,7 @@ class _Samples:
             # (a later round keeps the first one's zoom: the model's own estimate moves with it)
             self.zoom = self.cfg.volume_zoom
             if self.zoom is None:
-                self.zoom = seg._zoom_for(np.asarray(canon[0, Z // 2]), "CYX", volume=True)
+                self.zoom, _ = seg._zoom_for(np.asarray(canon[0, Z // 2]), "CYX", volume=True)
             self.volume_zooms.append(self.zoom)
         elif Z == 1 and seg.ndim == 2 and seg.task == "instance" and self.cfg.diameter:
             # a 2D image trains at the zoom predict picks for it, from the model's own estimate
@@ -287,7 +289,7 @@ class _Samples:
     def _predict_zoom(self, plane: np.ndarray) -> float | None:
         """The zoom predict picks for a 2D plane ``(C, Y, X)``; None when the model finds no
         object there to measure (the labels' size decides then)."""
-        zoom, diameter = self.seg._zoom_for(np.asarray(plane), "CYX", with_diameter=True)
+        zoom, diameter = self.seg._zoom_for(np.asarray(plane), "CYX")
         return zoom if diameter else None
 
     def _sample(self, x, y, m, name: str) -> None:

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 __all__ = [
-    "BAND",
     "NEAR",
     "diameter_of_labels",
     "diameter_of_foreground",
@@ -36,9 +35,6 @@ __all__ = [
     "zoomed_shape",
 ]
 
-#: The network is trained on objects from ``diameter / BAND`` to ``diameter * BAND`` and images
-#: whose objects fall in that band are predicted as they are (no resampling cost).
-BAND = 1.45
 #: Objects within this factor of the trained size are predicted as they are (no resampling
 #: pass); all others are resized to the trained size. Measured on the 7 scoring DSB2018
 #: images (size estimates corrected by the model's bias): 1.1 and 1.2 both 0.892 (5.7 vs 4.9 s
@@ -116,8 +112,8 @@ def rescale_factor(diameter: float | None, model_diameter: float | None) -> floa
     as the starter saw its training nuclei.
 
     Measured on the shared DSB2018 images the starter was not trained on (7 images, F1 at IoU
-    0.5, pooled): 0.878 when objects inside the trained band (``diameter / BAND`` to
-    ``diameter * BAND``) were left as they were and those outside it brought to its nearest
+    0.5, pooled): 0.878 when objects inside a band (the trained size / 1.45 to x 1.45) were left
+    as they were and those outside it brought to its nearest
     edge or the trained size, 0.890 resizing all but those within 10 % to the trained size
     (0.899 resizing even those, which costs a second pass on nearly every image). The old rule also
     jumped: an estimate crossing the band's edge changed the zoom by 45 %, so a round that

@@ -408,11 +408,10 @@ class Segmenter:
             job.run.engine_used,
         )
 
-    def _zoom_for(self, plane: np.ndarray, axes: str, with_diameter=False, volume=False):
-        """The zoom :meth:`predict` picks for a 2D plane (its first pass, and the refinement
-        for big objects), without the post-processing a whole prediction would add; with
-        ``with_diameter``, ``(zoom, estimated diameter or None)``; ``volume``: the plane is the
-        middle one of a volume."""
+    def _zoom_for(self, plane: np.ndarray, axes: str, volume: bool = False):
+        """``(zoom, estimated diameter or None)`` :meth:`predict` picks for a 2D plane (its
+        first pass, and the refinement for big objects), without the post-processing a whole
+        prediction would add; ``volume``: the plane is the middle one of a volume."""
         job = self._plan(plane, axes, None, None, "auto", None, None, None, None, False, "torch")
         sizer = _Sizer(self, None, self.ndim, volume=volume)
         out = np.zeros((self.net.out_channels, *job.spatial), np.float32)
@@ -421,7 +420,7 @@ class Segmenter:
                 pass
         finally:
             _release(job.run.device)
-        return (sizer.zoom, sizer.diameter) if with_diameter else sizer.zoom
+        return sizer.zoom, sizer.diameter
 
     def _plan(
         self, image, axes, channel, scale, device, tile_shape, overlap, batch_size, labels_out,
