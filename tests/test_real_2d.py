@@ -250,6 +250,33 @@ def test_a_round_that_changes_nothing_leaves_the_model_alone(starter):
         assert torch.equal(v, starter.net.state_dict()[k]), k
 
 
+def test_an_image_corrected_all_over_counts_only_what_was_changed(starter):
+    """A mask over the whole image with the prediction kept but for one object: a round of one
+    corrected object (small learning rate, judged by the replay bank), not of every object in
+    the image (before: all ~40 counted, and the bank guard was skipped)."""
+    from napari_unet.safeguard import LR_ROUND, round_lr
+
+    img, _ = make_realistic_nuclei((160, 160), radius=(7.0, 10.0), seed=8)
+    pred = starter.predict(img).labels
+    n_pred = int(pred.max())
+    assert n_pred >= 20
+    fixed = np.where(pred == pred[pred > 0][0], 0, pred)  # one nucleus erased
+    mask = np.ones(pred.shape, bool)
+    seg = starter.copy()
+    last = None
+    for last in seg.finetune(img, fixed, mask, steps=3, time_limit_s=None, num_threads=2):  # noqa: B007
+        pass
+    assert seg.config["history"][-1]["lr"] == pytest.approx(round_lr(1))
+    assert round_lr(1) < round_lr(n_pred) <= LR_ROUND
+    assert "crops of the images it was trained on" in last.reason, last.reason
+    # the prediction kept everywhere: nothing to learn, the model left alone
+    same = starter.copy()
+    events = list(same.finetune(img, pred, mask, steps=3, time_limit_s=None))
+    assert "nothing to learn" in events[-1].reason
+    for k, v in same.net.state_dict().items():
+        assert torch.equal(v, starter.net.state_dict()[k]), k
+
+
 def test_noise_is_not_taken_for_one_giant_nucleus(starter):
     """A foreground as wide as the image (noise, a flat field) tells no object size: no
     estimate, and the image is predicted at its own size, not shrunk to a few pixels."""
