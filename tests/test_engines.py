@@ -60,6 +60,19 @@ def test_cpu_engine_equals_torch_within_1e4(trained, engine):
     assert np.array_equal(got.labels, ref.labels)
 
 
+@pytest.mark.parametrize("engine", CPU_ENGINES)
+@pytest.mark.parametrize("batch", [2, 3])
+def test_cpu_engine_equals_torch_on_batches_of_tiles(trained, engine, batch):
+    """Several tiles per call (OpenVINO sends them to two streams at once): still torch's."""
+    seg, img = trained
+    kw = {"device": "cpu", "tile_shape": (64, 64), "batch_size": batch, "num_threads": 2}
+    ref = seg.predict(img, engine="torch", **kw)
+    got = seg.predict(img, engine=engine, **kw)
+    assert got.engine == engine and got.notes == []
+    assert np.abs(got.probabilities - ref.probabilities).max() < 1e-4
+    assert np.array_equal(got.labels, ref.labels)
+
+
 def test_a_missing_engine_falls_back_to_torch_and_says_so(trained, monkeypatch):
     seg, img = trained
     real = importlib.util.find_spec

@@ -60,6 +60,19 @@ def test_diameter_of_foreground_follows_the_object_size(r0):
     assert est == pytest.approx(diameter_of_labels(lab), rel=0.3)
 
 
+def test_the_size_estimate_does_not_grow_with_the_image():
+    """The same nuclei tiled up to 8192x8192 measure the same (halving the mask again and again
+    made them a few pixels wide: 18.4 px at 2048^2, 26.0 at 8192^2, and zoomed the image)."""
+    _, lab = make_realistic_nuclei((512, 512), seed=3, radius=(6.0, 12.0))
+    ref = diameter_of_foreground(lab > 0)
+    for reps in (4, 8, 16):
+        big = np.tile(lab > 0, (reps, reps))
+        assert diameter_of_foreground(big) == pytest.approx(ref, rel=0.05), reps
+    sparse = np.zeros((6000, 6000), bool)  # nuclei in one corner only
+    sparse[-512:, -512:] = lab > 0
+    assert diameter_of_foreground(sparse) == pytest.approx(ref, rel=0.05)
+
+
 def test_fill_holes_fills_exactly_what_scipy_fills():
     """The size estimate's faster hole filling: the same pixels as scipy's, holes touching
     the border left open, in 2D and 3D."""

@@ -98,8 +98,31 @@ def diameter_of_foreground(foreground: np.ndarray) -> float | None:
     if fg.ndim != 2:
         raise ValueError(f"diameter_of_foreground takes a 2D mask, got shape {fg.shape}")
     if fg.size > _MAX_PIXELS:  # on every prediction: measure big images at half resolution
-        d = diameter_of_foreground(fg[::2, ::2])
+        # once, then in the densest window of _MAX_PIXELS: halving again made the objects a
+        # few pixels wide and the estimate grew with the image (the same nuclei tiled: 18.4 px
+        # at 2048x2048, 20.6 at 4096x4096, 26.0 at 8192x8192, which zoomed it to 0.82)
+        d = _measured(_densest_window(fg[::2, ::2], _MAX_PIXELS))
         return None if d is None else 2.0 * d
+    return _measured(fg)
+
+
+def _densest_window(fg: np.ndarray, pixels: int) -> np.ndarray:
+    """The window of at most ``pixels`` (the mask's aspect ratio) holding the most foreground,
+    among 5 x 5 positions spread over the mask; the mask itself when it is small enough."""
+    if fg.size <= pixels:
+        return fg
+    f = math.sqrt(pixels / fg.size)
+    wh, ww = max(1, int(fg.shape[0] * f)), max(1, int(fg.shape[1] * f))
+    ys = np.linspace(0, fg.shape[0] - wh, 5).astype(int)
+    xs = np.linspace(0, fg.shape[1] - ww, 5).astype(int)
+    y, x = max(
+        ((y, x) for y in ys for x in xs),
+        key=lambda p: np.count_nonzero(fg[p[0] : p[0] + wh, p[1] : p[1] + ww]),
+    )
+    return fg[y : y + wh, x : x + ww]
+
+
+def _measured(fg: np.ndarray) -> float | None:
     fg = ndimage.binary_opening(fill_holes(fg))
     lab, n = ndimage.label(fg)
     if n == 0:
