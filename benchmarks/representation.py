@@ -57,7 +57,12 @@ from napari_unet.metrics import match_instances  # noqa: E402
 from napari_unet.model import UNet  # noqa: E402
 from napari_unet.normalize import normalize, percentile_range  # noqa: E402
 from napari_unet.postprocess import instances_from_probabilities  # noqa: E402
-from napari_unet.scale import diameter_of_labels, resize_labels, zoomed_shape  # noqa: E402
+from napari_unet.scale import (  # noqa: E402
+    diameter_of_labels,
+    resize_image,
+    resize_labels,
+    zoomed_shape,
+)
 from napari_unet.targets import IGNORE, instance_targets  # noqa: E402
 from napari_unet.training import _loss  # noqa: E402
 
@@ -140,8 +145,6 @@ def forward(net: UNet, x: np.ndarray) -> np.ndarray:
 
 def at_true_size(img: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, float]:
     """The normalised image resized so its true objects are DIAMETER px; and the zoom."""
-    from napari_unet.scale import resize_image
-
     f = DIAMETER / diameter_of_labels(lab)
     x = norm(img)
     if abs(f - 1) < 1e-3:
@@ -225,17 +228,19 @@ def one(rep: str, args) -> dict:
     scored = _scored(args.folder)
     gen = list(zip(*generated_set(12, DIAMETER, 10_000 + args.seed, size=256), strict=True))
     # the threshold: the best on the training images (at their own size)
-    best = max(SEED_THRESHOLDS[rep], key=lambda t: score(rep, net, train_pairs, t)[0])
+    on_train = {t: score(rep, net, train_pairs, t)[0] for t in SEED_THRESHOLDS[rep]}
+    best = max(on_train, key=on_train.get)
+    f1_scored, pp_s = score(rep, net, scored, best)
     return {
         "rep": rep,
         "seed": args.seed,
         "steps": step,
         "train_s": round(train_s, 1),
         "seed_threshold": best,
-        "f1_train": score(rep, net, train_pairs, best)[0],
-        "f1_scored": score(rep, net, scored, best)[0],
+        "f1_train": on_train[best],
+        "f1_scored": f1_scored,
         "f1_generated": score(rep, net, gen, best)[0],
-        "pp_s": score(rep, net, scored, best)[1],
+        "pp_s": pp_s,
     }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_starter import at_size, generated_set, jitter, load_real  # noqa: E402
 
 import napari_unet as nu  # noqa: E402
+from napari_unet import fileio  # noqa: E402
 from napari_unet.inference import _normalizer  # noqa: E402
 
 
@@ -87,14 +89,23 @@ def main() -> None:
         _, lab_c = np.unique(lb, return_inverse=True)
         labels.append(lab_c.reshape(lb.shape).astype(np.uint16))
     norm = seg.config["normalization"]
-    np.savez_compressed(
-        args.out,
-        images=np.stack(images),
-        labels=np.stack(labels),
-        sources=np.array(sources),
-        diameter=np.float32(d),
-        normalization=np.array([norm["method"], str(norm["low"]), str(norm["high"])]),
-    )
+    out = Path(args.out)
+    tmp = fileio.temp_file(out.parent, f".{out.name}.")  # the bank replaced whole, or not at all
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(
+                fh,
+                images=np.stack(images),
+                labels=np.stack(labels),
+                sources=np.array(sources),
+                diameter=np.float32(d),
+                normalization=np.array([norm["method"], str(norm["low"]), str(norm["high"])]),
+            )
+        fileio.fsync_file(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        fileio.unlink_quietly(tmp)
+        raise
     size = os.path.getsize(args.out) / 1e6
     print(f"{len(images)} crops of {args.size} px ({size:.1f} MB) -> {args.out}")
 

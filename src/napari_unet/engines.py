@@ -285,15 +285,17 @@ def _openvino_fn(path: Path, threads: int) -> PredictFn:
     # a batch of several tiles goes to two streams at once, each with half the threads: the
     # whole predict of a 2048x2048 image took 0.871x the bare torch forward instead of 0.919x
     # (best of 3, 2 cores, docs/benchmarks.md); a single tile keeps every thread
-    streams = core.compile_model(
-        model, "CPU", config | {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": 2}
-    )
-    requests = [streams.create_infer_request() for _ in range(2)]
+    # (compiled at the first such batch: a prediction of one tile never pays for it)
+    requests: list = []
 
     def predict_fn(batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, np.float32)
         if len(batch) < 2:
             return one(batch)
+        if not requests:
+            hint = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": 2}
+            streams = core.compile_model(model, "CPU", config | hint)
+            requests.extend(streams.create_infer_request() for _ in range(2))
         parts = np.array_split(batch, 2)
         for req, part in zip(requests, parts, strict=True):
             req.start_async({0: part})

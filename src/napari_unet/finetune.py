@@ -385,26 +385,23 @@ def _kept_bank(net: UNet, held: list, reference, start_state: dict, pp: dict) ->
     if reference is None:
         return ""
     what = f"{len(held)} crops of the images it was trained on"
-    after = bank_score(net, held, pp)
-    if after is not None and after < reference - BANK_TOLERANCE:
-        net.load_state_dict(start_state)
-        return (
-            f"; kept the previous model: on {what} the new one scored {after:.3f}, below the "
-            f"{reference:.3f} of the model before its small rounds (forgetting them)"
-        )
-    if after is None:
-        return ""
-    return f"; on {what} it scores {after:.3f} (at first {reference:.3f})"
+    return _judged(
+        net, what, reference, bank_score(net, held, pp), start_state, " (forgetting them)",
+        tolerance=BANK_TOLERANCE, earlier="the model before its small rounds",
+    )  # fmt: skip
 
 
-def _judged(net: UNet, what: str, before: float, after, start_state: dict, why: str = "") -> str:
-    """The old weights back when ``after`` is below ``before`` by more than the tolerance;
-    returns what to add to the round's ``reason``."""
-    if after is not None and after < before - TOLERANCE:
+def _judged(
+    net: UNet, what: str, before: float, after, start_state: dict, why: str = "", *,
+    tolerance: float = TOLERANCE, earlier: str = "the previous one",
+) -> str:  # fmt: skip
+    """The old weights back when ``after`` is below ``before`` (the score of ``earlier``) by
+    more than ``tolerance``; returns what to add to the round's ``reason``."""
+    if after is not None and after < before - tolerance:
         net.load_state_dict(start_state)
         return (
             f"; kept the previous model: on {what} the new one scored {after:.3f}, "
-            f"the previous one {before:.3f}{why}"
+            f"{earlier} {before:.3f}{why}"
         )
     return f"; on {what} it scores {after:.3f} (was {before:.3f})" if after is not None else ""
 

@@ -270,6 +270,8 @@ def own_predictions(seg, samples, confidence: float = 0.0, max_pixels: int = 102
         if not ignored.any() or s.target.size > max_pixels or s.image.ndim != 3:
             continue
         prob = predict(np.ascontiguousarray(s.image[None], np.float32))[0]
+        # what corrected_objects compares the corrections with (also when nothing is replayed)
+        s.before = _instances(prob, pp)
         target = np.argmax(prob, axis=0).astype(np.int64)
         target[(prob.max(axis=0) < confidence) | ~ignored] = IGNORE
         held = getattr(s, "held", None)
@@ -279,9 +281,8 @@ def own_predictions(seg, samples, confidence: float = 0.0, max_pixels: int = 102
         target[ndimage.binary_dilation(~ignored, iterations=4)] = IGNORE
         if (target != IGNORE).any():
             r = TrainSample(s.image, target, name="", replay=True)
-            r.before = _instances(prob, pp)  # what the model predicted there before the round
+            r.before = s.before  # what the model predicted there before the round
             r.untouched = ignored if held is None else ignored & ~held
-            s.before = r.before  # what corrected_objects compares the corrections with
             out.append(r)
     return out
 
