@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--init", default="pretrained:nuclei", help="a model to start from, or 'none'")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument(
+        "--strong-augment", action="store_true", help="also blur, re-curve and noise patches"
+    )
     ap.add_argument("--out", default="src/napari_unet/models/nuclei")
     args = ap.parse_args()
     if args.real_images > 6:
@@ -119,6 +122,7 @@ def main() -> None:
         names=tags,
         num_threads=args.threads,
         safe=False,  # a starter learns from many images: no guard, replay or anchor
+        strong_augment=args.strong_augment,
     ):
         if p.seconds - last > 60 or p.done:
             last = p.seconds

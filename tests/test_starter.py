@@ -54,3 +54,32 @@ def test_one_short_round_on_corrected_regions_improves_heldout_f1():
     after = instance_f1(seg.predict(test_image).labels, test_truth)
     # measured: 0.677 -> 0.766 with the safe round (a guarded, anchored fine-tune)
     assert after >= before + 0.08, (before, after)
+
+
+def test_strong_augmentation_prepares_a_model_for_blurrier_noisier_images():
+    """``strong_augment`` (blur, contrast curve, noise; used to train the starter) lets a model
+    trained on sharp, clean nuclei find blurry, noisy ones (another microscope). Measured with
+    these settings, 100 steps, net seeds 0/1/2: F1 0.07/0.09/0.03 without, 0.40/0.43/0.22 with."""
+    train = [make_nuclei((128, 128), seed=s, blur=0.5, snr=20.0) for s in range(4)]
+    tests = [make_nuclei((128, 128), seed=100 + s, blur=2.5, snr=3.0) for s in range(3)]
+
+    def f1_after(strong: bool) -> float:
+        seg = nu.Segmenter.new(base_channels=8, depth=2, seed=1)
+        imgs, labs = [i for i, _ in train], [lab for _, lab in train]
+        for _ in seg.finetune(
+            imgs, labs, steps=100, time_limit_s=None, seed=1, strong_augment=strong
+        ):
+            pass
+        return float(
+            np.mean([instance_f1(seg.predict(i, engine="torch").labels, t) for i, t in tests])
+        )
+
+    plain, strong = f1_after(False), f1_after(True)
+    assert strong > plain + 0.15, (plain, strong)
+
+
+def test_strong_augment_must_be_true_or_false():
+    seg = nu.Segmenter.new(base_channels=4, depth=2)
+    image, truth = make_nuclei((64, 64), seed=1)
+    with pytest.raises(ValueError, match="strong_augment"):
+        next(seg.finetune(image, truth, steps=1, strong_augment="yes"))

@@ -339,6 +339,7 @@ class TrainOptions(_Options):
     patch_shape: tuple[int, ...] | None = opt(None, lo=1, hi=1_000_000)
     val_fraction: float = opt(0.0, lo=0.0, hi=MAX_VAL_FRACTION, hi_open=True)
     augment: bool = opt(True)
+    strong_augment: bool = opt(False)
     seed: int | None = opt(None)
     num_threads: int | None = opt(None, lo=1)
     channel: int | None = opt(None, lo=0)

@@ -61,7 +61,7 @@ LR_FINETUNE, LR_NEW = 1e-3, 3e-3
 
 def finetune(
     seg, images, labels, masks, *, axes, time_limit_s, steps, lr, batch_size, patch_shape,
-    val_fraction, augment, device, seed, num_threads, channel, names, safe,
+    val_fraction, augment, strong_augment, device, seed, num_threads, channel, names, safe,
 ) -> Generator[TrainProgress, None, None]:  # fmt: skip
     """The body of :meth:`Segmenter.finetune` (the parameters, their types and defaults are
     documented there); a generator of :class:`~napari_unet.training.TrainProgress`."""
@@ -76,6 +76,7 @@ def finetune(
         patch_shape=patch_shape,
         val_fraction=val_fraction,
         augment=augment,
+        strong_augment=strong_augment,
         seed=seed,
         num_threads=num_threads,
         channel=channel,
@@ -120,6 +121,7 @@ def finetune(
         time_limit_s=time_limit_s,
         steps=steps,
         augment=augment,
+        strong_augment=strong_augment,
         seed=seed,
         device=resolve_device(device),
         num_threads=num_threads,

@@ -597,6 +597,7 @@ class Segmenter:
         patch_shape: Sequence[int] | None = None,
         val_fraction: float = 0.0,
         augment: bool = True,
+        strong_augment: bool = False,
         device: str | torch.device = "auto",
         seed: int | None = 0,
         num_threads: int | None = None,
@@ -623,6 +624,9 @@ class Segmenter:
             a validation F1 (instance task) and keep the best weights.
         num_threads
             CPU threads for torch during training (e.g. leave one core to the GUI).
+        strong_augment
+            Also blur, re-curve the contrast and add noise to training patches (used to train
+            the starter; a round on the user's own images does not need it).
         safe
             Fine-tune so that the model cannot get worse (default: on for a model that was
             trained before, 2D instance models, 2D images and time series; volumes are
