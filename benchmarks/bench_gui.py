@@ -623,6 +623,13 @@ class Bench:
         phases.append(
             record_phase(self.hb, f"training {secs} s (Train widget)", training, self.args.diagnose)
         )
+        # the next round: the preview layer the first one left hidden is shown again, not made
+        C.say_load(f"training {secs} s again (the next round)")
+        phases.append(
+            record_phase(
+                self.hb, f"training {secs} s again (next round)", training, self.args.diagnose
+            )
+        )
 
         size = 1024 if self.quick else 4096
         self.add_big(size)

@@ -4,6 +4,7 @@ suggestions, option words in errors, thread counts that hold up on a busy CPU.""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import test_cli
 import tifffile
 
@@ -93,6 +94,29 @@ def test_threads_are_the_free_cores(monkeypatch):
     assert cpu.default_threads(busy=2.1) == 6  # 0.1 of a core is not taken
     assert cpu.default_threads(busy=2.3) == 5
     assert cpu.default_threads(gui=True, busy=0.1) == 7
+
+
+def test_busy_watch_sees_another_busy_program_without_waiting():
+    """The Train widget's auto threads read the CPU use of other programs from a watch polled
+    in the background: the click never sleeps to measure it (it slept 0.2 s before)."""
+    import subprocess
+    import sys
+    import time
+
+    if cpu._busy_ticks() is None:
+        pytest.skip("no /proc/stat here")
+    watch = cpu.BusyWatch(min_s=0.2)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        t0 = time.perf_counter()
+        busy = watch.busy()
+        took = time.perf_counter() - t0
+    finally:
+        hog.kill()
+        hog.wait()
+    assert took < 0.05, took  # two file reads, no sleep
+    assert busy >= 0.5, busy  # the other program's core, over the last second
 
 
 def test_cli_picks_threads_like_the_gui_and_reports_a_busy_cpu(pair, tmp_path, monkeypatch,

@@ -17,7 +17,7 @@ import math
 import os
 import time
 
-__all__ = ["busy_cores", "default_threads", "LoadMonitor"]
+__all__ = ["busy_cores", "BusyWatch", "default_threads", "LoadMonitor"]
 
 CHECK_EVERY_S = 5.0  # how often a LoadMonitor measures (tests set it to 0)
 
@@ -75,6 +75,34 @@ def busy_cores(sample_s: float = 0.2) -> float:
         return min(float(_cores()), max(0.0, os.getloadavg()[0]))
     except (AttributeError, OSError):
         return 0.0
+
+
+class BusyWatch:
+    """:func:`busy_cores` without the wait, for a GUI thread: the cores other programs used
+    between the previous reading and this one (readings at least ``min_s`` apart; a closer one
+    returns the last value).
+
+    Call :meth:`busy` every second or so (a Qt timer: two file reads, no sleep) and at the
+    moment the value is needed. ``busy_cores`` sleeps 0.2 s to sample; at a Train click that
+    was most of a 290 ms stall of the viewer (``benchmarks/bench_gui.py --diagnose``).
+    """
+
+    def __init__(self, min_s: float = 0.2) -> None:
+        self.min_s = min_s
+        self._sampler = _Sampler()
+        self._last: float | None = None
+
+    def busy(self) -> float:
+        if time.monotonic() - self._sampler.t >= self.min_s:
+            others = self._sampler.others()
+            if others is not None:
+                self._last = min(float(_cores()), others)
+        if self._last is not None:
+            return self._last
+        try:  # no two readings yet (or no /proc/stat): the load average
+            return min(float(_cores()), max(0.0, os.getloadavg()[0]))
+        except (AttributeError, OSError):
+            return 0.0
 
 
 def default_threads(gui: bool = False, busy: float | None = None) -> int:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.utils.notifications import show_error, show_warning
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -22,7 +23,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..cpu import default_threads
+from ..cpu import BusyWatch, default_threads
 from ..runs import VAL_FRACTION
 from . import _layers
 from .predict import DEVICES
@@ -200,12 +201,18 @@ class TrainOptionsBox(QGroupBox):
         self.preview_spin.setSpecialValueText("off")
         self.threads_spin = _spin(0, max(1, os.cpu_count() or 1), 0, "auto (free cores - 1)")
         self.threads_spin.setToolTip(
-            "torch threads for training; auto measures the cores other programs leave free when "
-            "you press Train and keeps one for the viewer (more threads than free cores slow "
-            "training down many times over)"
+            "torch threads for training; auto uses the cores other programs left free in the "
+            "last second before you press Train and keeps one for the viewer (more threads "
+            "than free cores slow training down many times over)"
         )
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
+        # the CPU use of other programs, read every second (no wait at the Train click)
+        self._busy = BusyWatch()
+        self._busy_timer = QTimer(self)
+        self._busy_timer.setInterval(1000)
+        self._busy_timer.timeout.connect(self._busy.busy)
+        self._busy_timer.start()
         form = QFormLayout()
         form.addRow("Time budget", self.seconds_spin)
         form.addRow("Steps", self.steps_spin)
@@ -246,8 +253,9 @@ class TrainOptionsBox(QGroupBox):
         return lr
 
     def threads(self) -> int:
-        """The CPU threads to use: the spin box, or (auto) the free cores less one."""
-        return int(self.threads_spin.value()) or default_threads(gui=True)
+        """The CPU threads to use: the spin box, or (auto) the free cores less one (from the
+        CPU use the box watches in the background: the click does not wait to measure it)."""
+        return int(self.threads_spin.value()) or default_threads(gui=True, busy=self._busy.busy())
 
 
 def _spin(lo: int, hi: int, value: int, special: str, suffix: str = "") -> QSpinBox:

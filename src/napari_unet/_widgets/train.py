@@ -202,7 +202,8 @@ class TrainWidget(QWidget):
                 self.data_box.refresh_pair_list()
         if plan.preview is not None:
             # napari needs ~0.3 s of GUI time to create a Labels layer: do it now, on the click,
-            # not in the middle of the training (later previews only replace its data)
+            # not in the middle of the training (later previews only replace its data); from
+            # the second training on, the hidden layer of the last one is shown again
             try:
                 _layers.ensure_preview(self.viewer, plan.pairs[0][0])
             except Exception:  # noqa: BLE001 - a preview is optional
@@ -301,10 +302,11 @@ class TrainWidget(QWidget):
         if outcome is None:
             return
         self.curve.draw_now()
-        try:  # the preview has served; the final result comes from 'Refresh prediction'
-            _layers.remove_preview(self.viewer)
+        try:  # the preview has served (the result comes from 'Refresh prediction'): hidden,
+            # and shown again at the next Train click; a new layer would cost ~0.2-0.3 s there
+            _layers.hide_preview(self.viewer)
         except Exception:  # noqa: BLE001 - a preview is optional
-            logger.exception("napari-unet: could not remove the preview layer")
+            logger.exception("napari-unet: could not hide the preview layer")
         if outcome.state == State.FAILED:
             self.status_label.setText(f"failed: {outcome.message}")
             show_error(outcome.message)
