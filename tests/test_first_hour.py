@@ -175,7 +175,9 @@ def test_train_threads_auto_and_a_busy_cpu_is_said(loop, qtbot, messages, monkey
 
     viewer, _, train, _ = loop
     asked = []
-    monkeypatch.setattr(_train_form, "default_threads", lambda gui=False: asked.append(gui) or 1)
+    monkeypatch.setattr(
+        _train_form, "default_threads", lambda gui=False, busy=None: asked.append(gui) or 1
+    )
     monkeypatch.setattr(cpu, "CHECK_EVERY_S", 0.0)
     monkeypatch.setattr(cpu, "_cores", lambda: 2)
     monkeypatch.setattr(cpu._Sampler, "others", lambda self: 1.6)  # another program is busy
