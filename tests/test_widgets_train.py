@@ -310,3 +310,22 @@ def test_two_channel_model_trains_on_two_layers(setup, qtbot, nuclei, messages):
     assert w.state.value == State.DONE, messages
     assert task.job.images[0].shape == (*nuclei[0].shape, 2)
     assert any("channels: 'img', 'second channel'" in m for m in messages["info"])
+
+
+def test_each_preview_shows_the_latest_labels_and_the_user_layers_stay(setup, nuclei):
+    """Previews are written into the preview layer's own array (faster than replacing it):
+    every write shows the newest labels, a new size or id range replaces the array, and the
+    user's layers are never touched."""
+    viewer, _, _ = setup
+    image, labels = nuclei
+    truth = viewer.layers["truth"]
+    before = np.array(truth.data)
+    first = _layers.write_preview(viewer, labels, viewer.layers["img"])
+    second = (labels > 0).astype(np.int32) * 3
+    layer = _layers.write_preview(viewer, second, viewer.layers["img"])
+    assert layer is first and np.array_equal(np.asarray(layer.data), second)
+    bigger = np.arange(64 * 64, dtype=np.int64).reshape(64, 64) + 70_000  # ids beyond uint16
+    layer = _layers.write_preview(viewer, bigger, viewer.layers["img"])
+    assert layer.data.dtype == np.int32 and np.array_equal(np.asarray(layer.data), bigger)
+    np.testing.assert_array_equal(truth.data, before)
+    assert not np.shares_memory(np.asarray(layer.data), truth.data)
