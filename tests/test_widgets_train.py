@@ -327,5 +327,8 @@ def test_each_preview_shows_the_latest_labels_and_the_user_layers_stay(setup, nu
     bigger = np.arange(64 * 64, dtype=np.int64).reshape(64, 64) + 70_000  # ids beyond uint16
     layer = _layers.write_preview(viewer, bigger, viewer.layers["img"])
     assert layer.data.dtype == np.int32 and np.array_equal(np.asarray(layer.data), bigger)
+    mine = np.ones((64, 64), np.uint16)  # already compact: the layer must copy it
+    layer = _layers.write_preview(viewer, mine, viewer.layers["img"])
+    _layers.write_preview(viewer, mine * 2, viewer.layers["img"])
+    assert (mine == 1).all() and (np.asarray(layer.data) == 2).all()
     np.testing.assert_array_equal(truth.data, before)
-    assert not np.shares_memory(np.asarray(layer.data), truth.data)

@@ -210,11 +210,13 @@ def write_preview(viewer: napari.Viewer, labels: np.ndarray, image: Image | None
     if image is not None and image in viewer.layers:
         scale = tuple(float(s) for s in image.scale[-2:])
         translate = tuple(float(t) for t in image.translate[-2:])
+    new = compact_labels(labels)
+    if np.shares_memory(new, labels):  # the layer owns its array: later previews write into it
+        new = new.copy()
     layer = _find_preview(viewer)
     if layer is not None:
         if scale is not None:
             layer.scale, layer.translate = scale, translate
-        new = compact_labels(labels)
         old = layer.data
         if isinstance(old, np.ndarray) and old.shape == new.shape and old.dtype == new.dtype:
             # in place, then one refresh (the extent is the same): 6-8 ms (+ 27-36 ms paint)
@@ -228,7 +230,7 @@ def write_preview(viewer: napari.Viewer, labels: np.ndarray, image: Image | None
     kwargs = {} if scale is None else {"scale": scale, "translate": translate}
     with keep_selection(viewer):  # the preview must not take the user's brush
         return viewer.add_labels(
-            compact_labels(labels),
+            new,
             name=PREVIEW_NAME,
             metadata={PLUGIN_KEY: True, "kind": "preview"},
             opacity=0.5,
