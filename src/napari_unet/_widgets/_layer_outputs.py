@@ -253,16 +253,6 @@ def hide_preview(viewer: napari.Viewer) -> bool:
     return True
 
 
-def remove_preview(viewer: napari.Viewer) -> bool:
-    """Remove the ``"unet preview"`` layer (at the end of a training); True when there was one."""
-    layer = _find_preview(viewer)
-    if layer is None:
-        return False
-    with keep_selection(viewer):
-        viewer.layers.remove(layer)
-    return True
-
-
 @contextlib.contextmanager
 def keep_selection(viewer: napari.Viewer):
     """Add or remove layers without changing the user's active layer and selection.

@@ -45,7 +45,6 @@ __all__ = [
     "find_own_layer",
     "write_prediction",
     "write_preview",
-    "remove_preview",
     "hide_preview",
     "keep_selection",
     "labels_digest",
@@ -531,7 +530,6 @@ from ._layer_outputs import (  # noqa: E402, F401
     find_own_layer,
     hide_preview,
     keep_selection,
-    remove_preview,
     write_prediction,
     write_preview,
 )
