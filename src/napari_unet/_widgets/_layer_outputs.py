@@ -211,7 +211,7 @@ def write_preview(viewer: napari.Viewer, labels: np.ndarray, image: Image | None
         scale = tuple(float(s) for s in image.scale[-2:])
         translate = tuple(float(t) for t in image.translate[-2:])
     new = compact_labels(labels)
-    if np.shares_memory(new, labels):  # the layer owns its array: later previews write into it
+    if np.may_share_memory(new, labels):  # the layer owns its array: previews write into it
         new = new.copy()
     layer = _find_preview(viewer)
     if layer is not None:
@@ -220,8 +220,8 @@ def write_preview(viewer: napari.Viewer, labels: np.ndarray, image: Image | None
         old = layer.data
         if isinstance(old, np.ndarray) and old.shape == new.shape and old.dtype == new.dtype:
             # in place, then one refresh (the extent is the same): 6-8 ms (+ 27-36 ms paint)
-            # for 1024x1024 alone, where `layer.data =` took 31-45 ms (+ 39-58); while a
-            # training holds the other core, 39-52 ms against 48-56 (bench_gui, means)
+            # for 1024x1024 alone, where `layer.data =` took 31-45 ms (+ 39-58); during a
+            # training (bench_gui) 39-42 ms mean per preview against 48-56
             old[...] = new
             layer.refresh(extent=False, highlight=False)
         else:
