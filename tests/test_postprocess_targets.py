@@ -77,6 +77,35 @@ def test_strips_keep_objects_whole():
     assert np.array_equal(whole > 0, strips > 0)
 
 
+@pytest.mark.parametrize("small_flood", [None, 0])
+def test_parallel_strips_equal_one_at_a_time(monkeypatch, small_flood):
+    # strips post-processed in threads give exactly the objects of one strip after the other,
+    # on a noise-like map where most of the foreground is flooded (skimage and own flood)
+    import torch
+
+    import napari_unet.postprocess as pp
+
+    if small_flood is not None:
+        monkeypatch.setattr(pp, "SMALL_FLOOD", small_flood)
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    inner = ndimage.gaussian_filter(rng.random((400, 300)), 2)
+    inner = (inner - inner.min()) / np.ptp(inner)
+    bg = np.clip(1.0 - 1.6 * inner, 0, 1)
+    prob = np.stack([bg, inner * (1 - bg), (1 - inner) * (1 - bg)]).astype(np.float32)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = instances_from_probabilities(prob, strip=32, margin=12)
+        torch.set_num_threads(3)
+        parallel = instances_from_probabilities(prob, strip=32, margin=12)
+    finally:
+        torch.set_num_threads(old)
+    assert serial.max() > 50  # many touching objects, separated by the flood
+    assert np.array_equal(serial, parallel)
+
+
 def test_small_objects_removed_and_3d():
     lab = np.zeros((10, 20, 20), np.int32)
     lab[2:8, 3:12, 3:12] = 1

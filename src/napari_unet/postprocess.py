@@ -11,7 +11,10 @@ strip border keep one id.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+import torch
 from scipy import ndimage
 from skimage.segmentation import watershed
 
@@ -44,9 +47,12 @@ def _relabel_sizes(labels: np.ndarray, min_size: int, strip: int) -> int:
     keep[0] = False
     lut = np.zeros(sizes.shape[0], dtype=labels.dtype)
     lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=labels.dtype)
-    for start in range(0, labels.shape[0], strip):
+
+    def one(start: int) -> None:
         part = labels[start : start + strip]
         part[...] = lut[part]
+
+    _each(one, range(0, labels.shape[0], strip), labels.size)
     return int(keep.sum())
 
 
@@ -156,7 +162,10 @@ def _grow(prob, labels, seeds, bg_max: float, strip: int, margin: int) -> None:
     n0 = labels.shape[0]
     # strips of at most ~4 Mpx: the flood's working arrays stay ~150 MB however wide the image
     strip = max(4 * margin, min(strip, (1 << 22) // max(1, labels[0].size)))
-    for start in range(0, n0, strip):
+
+    def one(start: int) -> None:
+        # Strips are independent: a strip reads its neighbours' rows (its margin) only at seed
+        # pixels of components with several seeds, which every strip writes back unchanged.
         stop = min(start + strip, n0)
         lo, hi = max(0, start - margin), min(n0, stop + margin)
         c = comp[lo:hi]
@@ -175,6 +184,28 @@ def _grow(prob, labels, seeds, bg_max: float, strip: int, margin: int) -> None:
             inside = sd & multi
             grown = np.where(inside, labels[lo:hi], np.where(open_, ws, grown))
         labels[start:stop] = grown[start - lo : stop - lo]
+
+    _each(one, range(0, n0, strip), labels.size)
+
+
+def _each(fn, items, pixels: int) -> None:
+    """``fn(item)`` for every item: in threads (as many as torch may use, see
+    :data:`PARALLEL_MAX_PIXELS`) when there are several items, else one after the other.
+    scikit-image's watershed, scipy's morphology and numpy's indexing release the GIL."""
+    items = list(items)
+    workers = min(len(items), torch.get_num_threads()) if pixels <= PARALLEL_MAX_PIXELS else 1
+    if workers <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in pool.map(fn, items):  # re-raises a strip's error here
+            pass
+
+
+#: Images up to this many pixels post-process their strips in parallel (each strip in flight
+#: holds ~150 MB of working arrays; above it, one at a time keeps an 8192x8192 image < 1 GB).
+PARALLEL_MAX_PIXELS = 1 << 25
 
 
 #: Fewer pixels to flood than this go to skimage's watershed (faster on small areas, where the
