@@ -90,19 +90,20 @@ def test_parallel_strips_equal_one_at_a_time(monkeypatch, small_flood):
     from scipy import ndimage
 
     rng = np.random.default_rng(3)
-    inner = ndimage.gaussian_filter(rng.random((400, 300)), 2)
+    inner = ndimage.gaussian_filter(rng.random((1100, 1000)), 2)
     inner = (inner - inner.min()) / np.ptp(inner)
     bg = np.clip(1.0 - 1.6 * inner, 0, 1)
     prob = np.stack([bg, inner * (1 - bg), (1 - inner) * (1 - bg)]).astype(np.float32)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        serial = instances_from_probabilities(prob, strip=32, margin=12)
+        serial = instances_from_probabilities(prob, strip=64, margin=24)
         torch.set_num_threads(3)
-        parallel = instances_from_probabilities(prob, strip=32, margin=12)
+        assert pp._strip_plan(1100, 1000, 64, 24)[1] == 3  # three strips in flight
+        parallel = instances_from_probabilities(prob, strip=64, margin=24)
     finally:
         torch.set_num_threads(old)
-    assert serial.max() > 50  # many touching objects, separated by the flood
+    assert serial.max() > 500  # many touching objects, separated by the flood
     assert np.array_equal(serial, parallel)
 
 

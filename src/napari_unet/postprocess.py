@@ -52,7 +52,9 @@ def _relabel_sizes(labels: np.ndarray, min_size: int, strip: int) -> int:
         part = labels[start : start + strip]
         part[...] = lut[part]
 
-    _each(one, range(0, labels.shape[0], strip), labels.size)
+    n = labels.size
+    workers = 1 if n > PARALLEL_MAX_PIXELS else torch.get_num_threads()
+    _each(one, range(0, labels.shape[0], strip), workers)
     return int(keep.sum())
 
 
@@ -160,8 +162,7 @@ def _grow(prob, labels, seeds, bg_max: float, strip: int, margin: int) -> None:
     many = per >= 2
     del seed_comp
     n0 = labels.shape[0]
-    # strips of at most ~4 Mpx: the flood's working arrays stay ~150 MB however wide the image
-    strip = max(4 * margin, min(strip, (1 << 22) // max(1, labels[0].size)))
+    strip, workers = _strip_plan(n0, labels[0].size, strip, margin)
 
     def one(start: int) -> None:
         # Strips are independent: a strip reads its neighbours' rows (its margin) only at seed
@@ -185,15 +186,34 @@ def _grow(prob, labels, seeds, bg_max: float, strip: int, margin: int) -> None:
             grown = np.where(inside, labels[lo:hi], np.where(open_, ws, grown))
         labels[start:stop] = grown[start - lo : stop - lo]
 
-    _each(one, range(0, n0, strip), labels.size)
+    _each(one, range(0, n0, strip), workers)
 
 
-def _each(fn, items, pixels: int) -> None:
-    """``fn(item)`` for every item: in threads (as many as torch may use, see
-    :data:`PARALLEL_MAX_PIXELS`) when there are several items, else one after the other.
-    scikit-image's watershed, scipy's morphology and numpy's indexing release the GIL."""
+def _strip_plan(n0: int, width: int, strip: int, margin: int) -> tuple[int, int]:
+    """Rows per strip of the watershed and how many strips run at once.
+
+    A strip holds at most ~4 Mpx (its working arrays stay ~150 MB however wide the image).
+    With several threads (torch's count, which ``num_threads`` sets) strips get shorter so that
+    every thread has one, down to ``4 * margin`` rows (images of 1 Mpx or more); the strips in flight hold at most
+    :data:`IN_FLIGHT_PIXELS` together, and images over :data:`PARALLEL_MAX_PIXELS` run one
+    strip at a time (an 8192x8192 image stays under 1 GB).
+    """
+    rows = max(4 * margin, min(strip, (1 << 22) // max(1, width)))
+    threads = torch.get_num_threads()
+    if threads <= 1 or n0 * width > PARALLEL_MAX_PIXELS:
+        return rows, 1
+    if n0 * width < 1 << 20:  # under 1 Mpx: threads cost more than the margins they add
+        return rows, 1
+    rows = max(4 * margin, min(rows, -(-n0 // threads)))
+    workers = min(threads, -(-n0 // rows), max(1, IN_FLIGHT_PIXELS // (rows * width)))
+    return rows, workers
+
+
+def _each(fn, items, workers: int) -> None:
+    """``fn(item)`` for every item, in ``workers`` threads (scikit-image's watershed, scipy's
+    morphology and numpy's indexing release the GIL)."""
     items = list(items)
-    workers = min(len(items), torch.get_num_threads()) if pixels <= PARALLEL_MAX_PIXELS else 1
+    workers = min(workers, len(items))
     if workers <= 1:
         for item in items:
             fn(item)
@@ -203,9 +223,10 @@ def _each(fn, items, pixels: int) -> None:
             pass
 
 
-#: Images up to this many pixels post-process their strips in parallel (each strip in flight
-#: holds ~150 MB of working arrays; above it, one at a time keeps an 8192x8192 image < 1 GB).
+#: Images up to this many pixels post-process strips in parallel (see :func:`_strip_plan`).
 PARALLEL_MAX_PIXELS = 1 << 25
+#: The pixels (margins left out) of the strips in flight at once, all threads together.
+IN_FLIGHT_PIXELS = 1 << 23
 
 
 #: Fewer pixels to flood than this go to skimage's watershed (faster on small areas, where the
