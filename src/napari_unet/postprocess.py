@@ -193,10 +193,10 @@ def _strip_plan(n0: int, width: int, strip: int, margin: int) -> tuple[int, int]
     """Rows per strip of the watershed and how many strips run at once.
 
     A strip holds at most ~4 Mpx (its working arrays stay ~150 MB however wide the image).
-    With several threads (torch's count, which ``num_threads`` sets) strips get shorter so that
-    every thread has one, down to ``4 * margin`` rows (images of 1 Mpx or more); the strips in flight hold at most
-    :data:`IN_FLIGHT_PIXELS` together, and images over :data:`PARALLEL_MAX_PIXELS` run one
-    strip at a time (an 8192x8192 image stays under 1 GB).
+    With several threads (torch's count, which ``num_threads`` sets) and an image of 1 Mpx or
+    more, strips get shorter so that every thread has one, down to ``4 * margin`` rows; the
+    strips in flight hold at most :data:`IN_FLIGHT_PIXELS` together, and images over
+    :data:`PARALLEL_MAX_PIXELS` run one strip at a time (an 8192x8192 image stays under 1 GB).
     """
     rows = max(4 * margin, min(strip, (1 << 22) // max(1, width)))
     threads = torch.get_num_threads()
