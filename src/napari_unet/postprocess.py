@@ -42,7 +42,11 @@ def voxel_volume(spacing: tuple[float, ...] | None, ndim: int) -> float:
 
 def _relabel_sizes(labels: np.ndarray, min_size: int, strip: int) -> int:
     """Drop objects under ``min_size`` pixels and make ids 1..N, in place. Returns N."""
-    sizes = np.bincount(labels.reshape(-1))
+    # counted in strips: bincount copies its input to int64 (512 MB for 8192x8192 at once)
+    n = int(labels.max()) + 1
+    sizes = np.zeros(n, np.int64)
+    for start in range(0, labels.shape[0], strip):
+        sizes += np.bincount(labels[start : start + strip].reshape(-1), minlength=n)
     keep = sizes >= max(min_size, 1)
     keep[0] = False
     lut = np.zeros(sizes.shape[0], dtype=labels.dtype)
@@ -52,8 +56,7 @@ def _relabel_sizes(labels: np.ndarray, min_size: int, strip: int) -> int:
         part = labels[start : start + strip]
         part[...] = lut[part]
 
-    n = labels.size
-    workers = 1 if n > PARALLEL_MAX_PIXELS else torch.get_num_threads()
+    workers = 1 if labels.size > PARALLEL_MAX_PIXELS else torch.get_num_threads()
     _each(one, range(0, labels.shape[0], strip), workers)
     return int(keep.sum())
 
@@ -152,7 +155,9 @@ def _grow(prob, labels, seeds, bg_max: float, strip: int, margin: int) -> None:
         return
     # the component of each seed, and the number of seeds per component
     seed_comp = np.zeros(int(labels.max()) + 1, np.int64)
-    seed_comp[labels[seeds]] = comp[seeds]
+    for start in range(0, labels.shape[0], strip):  # in strips: no image-sized index arrays
+        sd = seeds[start : start + strip]
+        seed_comp[labels[start : start + strip][sd]] = comp[start : start + strip][sd]
     per = np.bincount(seed_comp[1:], minlength=n + 1)
     per[0] = 0
     only = np.zeros(n + 1, labels.dtype)  # component -> its single seed's label
