@@ -23,6 +23,7 @@ from napari_unet.scale import (
     rescale_factor,
     resize_image,
     resize_labels,
+    zoomed_shape,
 )
 from napari_unet.synthetic import make_realistic_nuclei
 
@@ -134,6 +135,28 @@ def test_a_large_nucleus_is_one_object(starter):
     assert pred.zoom < 0.5, "big nuclei are predicted on a smaller image"
     m = match_instances(pred.labels, lab, iou_threshold=0.5)
     assert m.fp == 0 and m.fn == 0, f"{m.tp} found, {m.fp} false, {m.fn} missed"
+
+
+def test_big_textured_nuclei_are_measured_at_half_size_not_cut_into_pieces(starter, monkeypatch):
+    """Nuclei of ~150 px with chromatin texture: at the native size the network finds pieces
+    of about its own trained size in them (the estimate said 22 px, F1 0.000); the look at
+    half size and below sees the whole nuclei and predict shrinks the image enough."""
+    import napari_unet.inference as inference
+
+    small, small_lab = make_realistic_nuclei(
+        (128, 128), seed=3, radius=(8.0, 12.0), texture=0.6, blur=0.5, density=0.3
+    )
+    shape = zoomed_shape(small_lab.shape, 8)
+    img = resize_image(small.astype(np.float32), shape).astype(small.dtype)
+    lab = resize_labels(small_lab, shape)
+    assert diameter_of_labels(lab) > 100
+    pred = starter.predict(img, engine="torch")
+    assert pred.diameter > 80 and pred.zoom < 0.25
+    assert instance_f1(pred.labels, lab) >= 0.9  # measured 1.000
+    # without the coarse look the same image comes out in pieces (the failure this fixes)
+    monkeypatch.setattr(inference._Sizer, "_coarse_look", lambda *a, **k: None)
+    cut = starter.predict(img, engine="torch")
+    assert cut.diameter < 60 and instance_f1(cut.labels, lab) < 0.5  # measured 0.000
 
 
 def test_given_diameter_is_used(starter):

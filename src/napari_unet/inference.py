@@ -123,6 +123,43 @@ class _Sizer:
         d = diameter_of_foreground(foreground)
         return d / self.bias if d else d
 
+    def _coarse_look(self, run, src, out: np.ndarray, transform) -> float | None:
+        """The objects' diameter seen at half size and below, when it says the native pass cut
+        big objects into pieces; else None.
+
+        A network trained at one size finds pieces of about that size inside nuclei many times
+        bigger, so the native pass alone measures 20-30 px for nuclei of 70-280 px (DSB2018
+        images enlarged 3x: F1 0.28). One window of at most 1 Mpx (the brightest of the
+        plane) is predicted again at half size: objects measured there more than
+        :data:`COARSE_JUMP` times bigger than at the native size mean pieces, and the window is
+        halved again until the diameter stops growing by more than :data:`COARSE_STABLE`. On
+        the 13 DSB2018 images at their own size the half-size diameter was at most 1.46x the
+        native one; enlarged 3x, 2.9-10.7x for the nuclei over 70 px.
+        """
+        plane = transform(np.asarray(src[tuple(slice(None) for _ in range(3))]))
+        win = _brightest_window(plane, 1 << 20)
+        crop = plane[(slice(None), *win)]
+        prev = self._measured(out[(0, *win)] < 0.5)  # the native pass, on the same window
+        z, found = 1.0, None
+        while True:
+            z *= 0.5
+            small = zoomed_shape(crop.shape[1:], z)
+            if min(small) < 64:
+                return None  # never confirmed by a second, coarser look
+            buf = np.zeros((out.shape[0], *small), np.float32)
+            for _ in run.tiles(resize_image(crop, small), buf, _as_float32, small):
+                pass
+            d = self._measured(buf[0] < 0.5)
+            if d is None:
+                return None
+            d /= z
+            if found is None:
+                if prev is not None and d <= COARSE_JUMP * prev:
+                    return None  # the same size at half size: the native pass was right
+            elif d <= COARSE_STABLE * found:
+                return found  # stopped growing: the objects' size
+            found = d
+
     def tiles(self, run, src, out: np.ndarray, transform, spatial) -> Generator[float, None, None]:
         """Predict one plane ``src`` (C, Y, X) into ``out`` (K, Y, X); yields progress 0..1."""
         if not self.active:
@@ -134,6 +171,9 @@ class _Sizer:
                 yield 0.5 * d
             self.decided = True
             self.diameter = self._measured(out[0] < 0.5)
+            bigger = self._coarse_look(run, src, out, transform)
+            if bigger is not None:
+                self.diameter = bigger
             self.zoom = rescale_factor(self.diameter, self.model_d)
             if self.zoom == 1.0:
                 yield 1.0
@@ -159,6 +199,28 @@ class _Sizer:
                 yield from self.tiles(run, src, out, transform, spatial)
                 return
         out[...] = resize_image(buf, spatial)
+
+
+#: The half-size look (:meth:`_Sizer._coarse_look`) takes over when it measures objects this
+#: many times bigger than the native pass, and goes on halving while they still grow this much.
+COARSE_JUMP, COARSE_STABLE = 2.0, 1.5
+
+
+def _brightest_window(plane: np.ndarray, pixels: int) -> tuple[slice, slice]:
+    """The window of at most ``pixels`` (the plane's aspect ratio) with the highest mean of
+    ``plane`` (C, Y, X), among 3 x 3 positions; the whole plane when it is small enough."""
+    h, w = plane.shape[1:]
+    if h * w <= pixels:
+        return slice(None), slice(None)
+    f = math.sqrt(pixels / (h * w))
+    wh, ww = max(1, int(h * f)), max(1, int(w * f))
+    ys = np.linspace(0, h - wh, 3).astype(int)
+    xs = np.linspace(0, w - ww, 3).astype(int)
+    y, x = max(
+        ((y, x) for y in ys for x in xs),
+        key=lambda p: float(plane[:, p[0] : p[0] + wh : 4, p[1] : p[1] + ww : 4].mean()),
+    )
+    return slice(y, y + wh), slice(x, x + ww)
 
 
 def _from_tz(arr: np.ndarray, keep: list[str], leading: int = 0) -> np.ndarray:
