@@ -7,14 +7,24 @@ post-processing included) on every image of FOLDER/images and on a 2048x2048 gen
 with the starter as shipped ("sized") and with its recorded diameter removed ("native": one
 pass at the image's own size, as before the resizing existed). Best of 3 runs each; prints the
 ratio sized / native per image and for all images together. No scores: see benchmarks/real.py.
+
+    python benchmarks/bench_sizing.py ../shared/data/real/dsb2018-stage1-fluo \
+        --factors 0.4,0.6,1,1.5,2,3,4
+
+instead scores nuclei far from the trained size: every image and its labels resized by each
+factor, predicted with default settings and scored at that size (F1 at IoU 0.5, pooled), with
+the size estimate's look at half size (``inference._Sizer._coarse_look``) off and on. Scored on
+the last 7 images by name (``--first`` adds the first 6, the starter's training images).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
 
+import numpy as np
 import tifffile
 import torch
 
@@ -22,6 +32,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import load1, machine_line  # noqa: E402
 
 import napari_unet as nu  # noqa: E402
+import napari_unet.inference as inference  # noqa: E402
+from napari_unet.metrics import match_instances  # noqa: E402
+from napari_unet.scale import resize_image, resize_labels, zoomed_shape  # noqa: E402
 from napari_unet.synthetic import make_realistic_nuclei  # noqa: E402
 
 
@@ -34,8 +47,59 @@ def best(seg, img, n=3):
     return min(times), pred.zoom
 
 
+def pooled_f1(seg, pairs, factor: float) -> tuple[float, int, int, int]:
+    tp = fp = fn = 0
+    for img, lab in pairs:
+        if factor != 1:
+            shape = zoomed_shape(lab.shape, factor)
+            img = resize_image(img.astype(np.float32), shape).astype(img.dtype)
+            lab = resize_labels(lab, shape)
+        m = match_instances(seg.predict(img).labels, lab, 0.5)
+        tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
+    return 2 * tp / max(2 * tp + fp + fn, 1), tp, fp, fn
+
+
+def factors(folder: str, values: list[float], first: bool) -> None:
+    names = sorted(os.listdir(os.path.join(folder, "images")))
+    sets = {"last 7": names[6:]} | ({"first 6": names[:6]} if first else {})
+    seg = nu.Segmenter.pretrained("nuclei")
+    look = inference._Sizer._coarse_look
+    print(machine_line())
+    print(f"load before: {load1():.2f}")
+    print("| images | factor | F1, look off (true/false/missed) | F1, look on (same) |")
+    print("|---|---|---|---|")
+    for label, sel in sets.items():
+        pairs = [
+            (
+                tifffile.imread(os.path.join(folder, "images", n)),
+                tifffile.imread(os.path.join(folder, "masks", n)).astype(np.int32),
+            )
+            for n in sel
+        ]
+        for f in values:
+            cells = []
+            for on in (False, True):
+                inference._Sizer._coarse_look = look if on else (lambda *a, **k: None)
+                try:
+                    f1, tp, fp, fn = pooled_f1(seg, pairs, f)
+                finally:
+                    inference._Sizer._coarse_look = look
+                cells.append(f"{f1:.3f} ({tp}/{fp}/{fn})")
+            print(f"| {label} | {f:g}x | {cells[0]} | {cells[1]} |", flush=True)
+    print(f"load after: {load1():.2f}")
+
+
 def main() -> None:
-    folder = sys.argv[1]
+    ap = argparse.ArgumentParser()
+    ap.add_argument("folder")
+    ap.add_argument("--factors", default=None, help="e.g. 0.4,1,3: score resized images instead")
+    ap.add_argument("--first", action="store_true", help="also score the first 6 images")
+    args = ap.parse_args()
+    folder = args.folder
+    if args.factors:
+        torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+        factors(folder, [float(v) for v in args.factors.split(",")], args.first)
+        return
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     sized = nu.Segmenter.pretrained("nuclei")
     native = sized.copy()
