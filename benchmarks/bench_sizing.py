@@ -66,7 +66,7 @@ def factors(folder: str, values: list[float], first: bool) -> None:
     look = inference._Sizer._coarse_look
     print(machine_line())
     print(f"load before: {load1():.2f}")
-    print("| images | factor | F1, look off (true/false/missed) | F1, look on (same) |")
+    print("| images | factor | F1, look off (matched/false/missed) | F1, look on (same) |")
     print("|---|---|---|---|")
     for label, sel in sets.items():
         pairs = [
