@@ -199,7 +199,7 @@ class _Sizer:
         if self.refine_left > 0 and self.zoom < 1.0:
             # big objects were measured on a pass at the native size, where the network cuts
             # them into pieces: measure again at this size and shrink further if they are
-            # bigger, again while they keep growing (nuclei 3x the DSB2018 size: 3 steps)
+            # bigger, again while they keep growing (at most REFINE_STEPS times)
             self.refine_left -= 1
             again = self._measured(buf[0] < 0.5)
             better = rescale_factor(again / self.zoom, self.model_d) if again else 1.0
