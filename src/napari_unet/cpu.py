@@ -63,6 +63,14 @@ class _Sampler:
         return max(0.0, (busy - own_used) / wall)
 
 
+def _load_average() -> float:
+    """The 1-minute load average (0 .. cpu_count) where /proc/stat cannot tell; 0 if unknown."""
+    try:
+        return min(float(_cores()), max(0.0, os.getloadavg()[0]))
+    except (AttributeError, OSError):
+        return 0.0
+
+
 def busy_cores(sample_s: float = 0.2) -> float:
     """Cores kept busy by other programs now (0 .. cpu_count)."""
     s = _Sampler()
@@ -71,10 +79,7 @@ def busy_cores(sample_s: float = 0.2) -> float:
         others = s.others()
         if others is not None:
             return min(float(_cores()), others)
-    try:
-        return min(float(_cores()), max(0.0, os.getloadavg()[0]))
-    except (AttributeError, OSError):
-        return 0.0
+    return _load_average()
 
 
 class BusyWatch:
@@ -100,10 +105,7 @@ class BusyWatch:
                 self._last = min(float(_cores()), others)
         if self._last is not None:
             return self._last
-        try:  # no two readings yet (or no /proc/stat): the load average
-            return min(float(_cores()), max(0.0, os.getloadavg()[0]))
-        except (AttributeError, OSError):
-            return 0.0
+        return _load_average()  # no two readings yet (or no /proc/stat)
 
 
 def default_threads(gui: bool = False, busy: float | None = None) -> int:

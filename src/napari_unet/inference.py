@@ -25,7 +25,14 @@ import numpy as np
 import torch
 
 from . import data
-from .scale import NEAR, diameter_of_foreground, rescale_factor, resize_image, zoomed_shape
+from .scale import (
+    NEAR,
+    densest_window,
+    diameter_of_foreground,
+    rescale_factor,
+    resize_image,
+    zoomed_shape,
+)
 from .tiling import BlockCache, chunk_shape, plan_tiles, tiled_inference
 
 if TYPE_CHECKING:
@@ -124,7 +131,7 @@ class _Sizer:
         d = diameter_of_foreground(foreground)
         return d / self.bias if d else d
 
-    def _coarse_look(self, run, src, out: np.ndarray, transform) -> float | None:
+    def _coarse_look(self, run, src, fg: np.ndarray, classes: int, transform) -> float | None:
         """The objects' diameter seen at half size and below, when it says the native pass cut
         big objects into pieces; else None.
 
@@ -132,7 +139,7 @@ class _Sizer:
         bigger, so the native pass alone measures 11-32 px for nuclei of 70-280 px (DSB2018
         images enlarged 3x: F1 0.28). Only when no shrink is decided (a shrink is followed by
         measurements at the new size, :data:`REFINE_STEPS`). One window of at most 1 Mpx
-        (where the native pass saw the most object) is predicted again at half size: objects
+        (the densest of the native foreground ``fg``) is predicted again at half size: objects
         measured there more than :data:`COARSE_JUMP` times bigger than at the native size mean
         pieces, and the window is halved again until the diameter stops growing by more than
         :data:`COARSE_STABLE`. On the 13 DSB2018 images at their own size the half-size
@@ -146,15 +153,15 @@ class _Sizer:
             # f4c4 at 0.6x, 7 px nuclei: 94 px measured); pieces of big nuclei come out at
             # about the trained size (11-25 px for 18 px in the images enlarged 3x)
             return None
-        win = _busiest_window(out[0], 1 << 20)
+        win = densest_window(fg, 1 << 20)
         crop = transform(np.asarray(src[(slice(None), *win)]))
-        prev, z, found = self.diameter, 1.0, None  # the native pass's estimate
+        z, found = 1.0, None
         while True:
             z *= 0.5
             small = zoomed_shape(crop.shape[1:], z)
             if min(small) < 64:
                 return None  # never confirmed by a second, coarser look
-            buf = np.zeros((out.shape[0], *small), np.float32)
+            buf = np.zeros((classes, *small), np.float32)
             for _ in run.tiles(resize_image(crop, small), buf, _as_float32, small):
                 pass
             d = self._measured(buf[0] < 0.5)
@@ -162,7 +169,7 @@ class _Sizer:
                 return None
             d /= z
             if found is None:
-                if prev is not None and d <= COARSE_JUMP * prev:
+                if self.diameter is not None and d <= COARSE_JUMP * self.diameter:
                     return None  # the same size at half size: the native pass was right
             elif d <= COARSE_STABLE * found:
                 return found  # stopped growing: the objects' size
@@ -178,8 +185,10 @@ class _Sizer:
             for d in run.tiles(src, out, transform, spatial):
                 yield 0.5 * d
             self.decided = True
-            self.diameter = self._measured(out[0] < 0.5)
-            bigger = self._coarse_look(run, src, out, transform)
+            fg = out[0] < 0.5
+            self.diameter = self._measured(fg)
+            bigger = self._coarse_look(run, src, fg, out.shape[0], transform)
+            del fg
             if bigger is not None:
                 self.diameter = bigger
             self.zoom = rescale_factor(self.diameter, self.model_d)
@@ -217,24 +226,6 @@ COARSE_JUMP, COARSE_STABLE = 2.0, 1.5
 COARSE_FROM = 0.6
 #: Looks again after each shrink, while the objects measured keep growing, at most this often.
 REFINE_STEPS = 4
-
-
-def _busiest_window(background: np.ndarray, pixels: int) -> tuple[slice, slice]:
-    """The window of at most ``pixels`` (the plane's aspect ratio) where the native pass saw
-    the most object (lowest mean ``background`` probability, (Y, X)), among 3 x 3 positions;
-    the whole plane when it is small enough."""
-    h, w = background.shape
-    if h * w <= pixels:
-        return slice(None), slice(None)
-    f = math.sqrt(pixels / (h * w))
-    wh, ww = max(1, int(h * f)), max(1, int(w * f))
-    ys = np.linspace(0, h - wh, 3).astype(int)
-    xs = np.linspace(0, w - ww, 3).astype(int)
-    y, x = min(
-        ((y, x) for y in ys for x in xs),
-        key=lambda p: float(background[p[0] : p[0] + wh : 4, p[1] : p[1] + ww : 4].mean()),
-    )
-    return slice(y, y + wh), slice(x, x + ww)
 
 
 def _from_tz(arr: np.ndarray, keep: list[str], leading: int = 0) -> np.ndarray:

@@ -56,8 +56,7 @@ def _relabel_sizes(labels: np.ndarray, min_size: int, strip: int) -> int:
         part = labels[start : start + strip]
         part[...] = lut[part]
 
-    workers = 1 if labels.size > PARALLEL_MAX_PIXELS else torch.get_num_threads()
-    _each(one, range(0, labels.shape[0], strip), workers)
+    _each(one, range(0, labels.shape[0], strip), _threads_for(labels.size))
     return int(keep.sum())
 
 
@@ -204,14 +203,21 @@ def _strip_plan(n0: int, width: int, strip: int, margin: int) -> tuple[int, int]
     :data:`PARALLEL_MAX_PIXELS` run one strip at a time (an 8192x8192 image stays under 1 GB).
     """
     rows = max(4 * margin, min(strip, (1 << 22) // max(1, width)))
-    threads = torch.get_num_threads()
-    if threads <= 1 or n0 * width > PARALLEL_MAX_PIXELS:
-        return rows, 1
-    if n0 * width < 1 << 20:  # under 1 Mpx: threads cost more than the margins they add
+    threads = _threads_for(n0 * width)
+    if threads <= 1:
         return rows, 1
     rows = max(4 * margin, min(rows, -(-n0 // threads)))
     workers = min(threads, -(-n0 // rows), max(1, IN_FLIGHT_PIXELS // (rows * width)))
     return rows, workers
+
+
+def _threads_for(pixels: int) -> int:
+    """Threads for post-processing an image: torch's count (which ``num_threads`` sets), or 1
+    under 1 Mpx (threads cost more than the margins they add) and over
+    :data:`PARALLEL_MAX_PIXELS` (memory)."""
+    if pixels < 1 << 20 or pixels > PARALLEL_MAX_PIXELS:
+        return 1
+    return max(1, torch.get_num_threads())
 
 
 def _each(fn, items, workers: int) -> None:

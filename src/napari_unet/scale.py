@@ -106,11 +106,12 @@ def diameter_of_foreground(foreground: np.ndarray) -> float | None:
     return _measured(fg)
 
 
-def _densest_window(fg: np.ndarray, pixels: int) -> np.ndarray:
+def densest_window(fg: np.ndarray, pixels: int) -> tuple[slice, slice]:
     """The window of at most ``pixels`` (the mask's aspect ratio) holding the most foreground,
-    among 5 x 5 positions spread over the mask; the mask itself when it is small enough."""
+    among 5 x 5 positions spread over the 2D mask, as two slices; the whole mask when it is
+    small enough."""
     if fg.size <= pixels:
-        return fg
+        return slice(None), slice(None)
     f = math.sqrt(pixels / fg.size)
     wh, ww = max(1, int(fg.shape[0] * f)), max(1, int(fg.shape[1] * f))
     ys = np.linspace(0, fg.shape[0] - wh, 5).astype(int)
@@ -119,7 +120,11 @@ def _densest_window(fg: np.ndarray, pixels: int) -> np.ndarray:
         ((y, x) for y in ys for x in xs),
         key=lambda p: np.count_nonzero(fg[p[0] : p[0] + wh, p[1] : p[1] + ww]),
     )
-    return fg[y : y + wh, x : x + ww]
+    return slice(y, y + wh), slice(x, x + ww)
+
+
+def _densest_window(fg: np.ndarray, pixels: int) -> np.ndarray:
+    return fg[densest_window(fg, pixels)]
 
 
 def _measured(fg: np.ndarray) -> float | None:
