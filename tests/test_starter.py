@@ -40,19 +40,22 @@ def test_starter_loads_offline_and_counts_nuclei(no_network):
 
 def test_one_short_round_on_corrected_regions_improves_heldout_f1():
     kw = {"blur": 3.0, "touching": 0.7}  # blurrier and denser than anything it was trained on
-    image, truth = make_nuclei((192, 192), seed=11, **kw)
+    # 320x320: the top half holds enough changes (>= safeguard.BANK_OBJECTS) for a round that
+    # may adapt away from the starter's own data; on 192x192 the round counts as small and the
+    # replay-bank guard undoes it (the bank crops 0.930 -> 0.881: forgetting them)
+    image, truth = make_nuclei((320, 320), seed=11, **kw)
     test_image, test_truth = make_nuclei((192, 192), seed=12, **kw)
     seg = nu.Segmenter.pretrained("nuclei")
     before = instance_f1(seg.predict(test_image).labels, test_truth)
     mask = np.zeros(truth.shape, bool)
-    mask[:96] = True  # the user corrected the top half only
+    mask[:160] = True  # the user corrected the top half only
     corrected = np.where(mask, truth, 0)
     for _ in seg.finetune(
         image, corrected, mask, steps=30, time_limit_s=None, patch_shape=(64, 64), seed=0
     ):
         pass
     after = instance_f1(seg.predict(test_image).labels, test_truth)
-    # measured: 0.677 -> 0.766 with the safe round (a guarded, anchored fine-tune)
+    # measured: 0.794 -> 0.900 with the safe round (a guarded, anchored fine-tune)
     assert after >= before + 0.08, (before, after)
 
 
@@ -83,3 +86,28 @@ def test_strong_augment_must_be_true_or_false():
     image, truth = make_nuclei((64, 64), seed=1)
     with pytest.raises(ValueError, match="strong_augment"):
         next(seg.finetune(image, truth, steps=1, strong_augment="yes"))
+
+
+def test_starter_separates_touching_nuclei_and_volumes_keep_their_own_seed_threshold():
+    """The starter's seeds (interior above 0.85) cut touching nuclei apart that seeds above
+    0.7 merge; volumes keep the threshold their 3D assembly was tuned at
+    (``seed_threshold_3d``)."""
+    from napari_unet.postprocess import instances_from_probabilities
+    from napari_unet.synthetic import make_realistic_nuclei
+    from napari_unet.synthetic3d import make_stacked_pair
+
+    seg = nu.Segmenter.pretrained("nuclei")
+    pp = seg.config["postprocess"]
+    assert (pp["seed_threshold"], pp["seed_threshold_3d"]) == (0.85, 0.7)
+    img, lab = make_realistic_nuclei((384, 384), seed=7, density=0.45, touching=0.7)
+    pred = seg.predict(img)
+    merged = instances_from_probabilities(pred.probabilities, seed_threshold=0.7)
+    assert instance_f1(pred.labels, lab) > instance_f1(merged, lab) + 0.01
+
+    vol, vlab = make_stacked_pair((26, 40, 40), radius=8, anisotropy=2.0)
+    pp["seed_threshold"] = 1.0  # no 2D seed can pass
+    assert seg.predict(img).labels.max() == 0
+    out = seg.predict(vol, "ZYX", scale=(2, 1, 1)).labels
+    assert out.max() == 2 and instance_f1(out, vlab) == 1.0
+    pp["seed_threshold_3d"] = None  # then volumes follow the 2D threshold
+    assert seg.predict(vol, "ZYX", scale=(2, 1, 1)).labels.max() == 0

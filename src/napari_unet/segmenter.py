@@ -549,11 +549,14 @@ class Segmenter:
                 out[z] = linker(out[z], None if image is None else image[z])
             return out
         kw = {k: pp[k] for k in ("min_size", "min_seed_size") if pp.get(k) is not None}
+        seed_3d = pp.get("seed_threshold_3d")
+        if seed_3d is None:
+            seed_3d = pp.get("seed_threshold", 0.5)
         return instances_3d_from_stack(
             probs,
             spacing,
             image=image,
-            seed_threshold=pp.get("seed_threshold", 0.5),
+            seed_threshold=seed_3d,
             foreground_threshold=pp.get("foreground_threshold", 0.5),
             out=out,
             **kw,
