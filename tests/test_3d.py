@@ -204,3 +204,18 @@ def test_a_round_on_a_volume_predicts_volumes_at_the_zoom_it_trained_at():
     assert {s.image.shape[-2:] for s in built.samples} == {(32, 32)}  # every plane at 0.5
     list(seg.finetune(vol, lab, axes="ZYX", steps=1, time_limit_s=None, seed=0))
     assert seg.config["volume_zoom"] == 0.5  # later rounds keep it
+
+
+def test_volume_size_estimate_is_divided_by_the_volume_size_bias():
+    """A volume's object size (measured on its middle plane) is divided by the model's
+    ``volume_size_bias``, not by the 2D ``size_bias``; images keep the 2D one."""
+    img, _ = make_nuclei_3d((40, 96, 96), anisotropy=1.5, radius=(6.0, 9.0), snr=6.0, seed=1)
+    seg = nu.Segmenter.pretrained("nuclei")
+    assert seg.config["volume_size_bias"] == 1.25
+    with_bias = seg.predict(img, "ZYX", scale=(1.5, 1, 1))
+    plane = seg.predict(img[20])
+    seg.config["volume_size_bias"] = None
+    without = seg.predict(img, "ZYX", scale=(1.5, 1, 1))
+    assert with_bias.diameter == pytest.approx(without.diameter / 1.25, rel=1e-6)
+    assert with_bias.zoom > without.zoom
+    assert seg.predict(img[20]).diameter == pytest.approx(plane.diameter, rel=1e-6)

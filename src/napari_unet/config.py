@@ -167,6 +167,9 @@ class ModelConfig(Section):
     #: how much larger than the truth the model measures objects (its estimate / the labels'
     #: diameter on its replay bank); predict divides its size estimate by it
     size_bias: float | None = opt(None, lo=0.0, lo_open=True)
+    #: the same for volumes: predict divides the size measured on a volume's middle plane by
+    #: it (None: 1.0); chosen on generated volumes, see docs/benchmarks.md
+    volume_size_bias: float | None = opt(None, lo=0.0, lo_open=True)
     #: F1 on the held-out replay-bank crops before the first small round: later small rounds
     #: that score lower are undone (see safeguard.BANK_TOLERANCE)
     bank_reference: float | None = opt(None, lo=0.0, hi=1.0)

@@ -111,9 +111,12 @@ class _Sizer:
         ):
             raise ValueError(f"diameter must be a positive number of pixels, got {diameter!r}")
         self.model_d = seg.config.get("diameter")
-        # see safeguard.size_bias; not for volumes: the 3D assembly was tuned at the zoom of the
-        # uncorrected estimate (measured: ovule 0.750 -> 0.737 with the correction)
-        self.bias = 1.0 if volume else float(seg.config.get("size_bias") or 1.0)
+        # see safeguard.size_bias; volumes have their own (config["volume_size_bias"]): the
+        # 2D one on the ovule zoomed its middle plane 0.71 instead of 0.60 and lost 0.750 ->
+        # 0.737, while on 17 generated volumes their middle plane measured as it is gave a
+        # zoom too small (mean F1 0.537; 0.561 with 1.25, docs/benchmarks.md)
+        key = "volume_size_bias" if volume else "size_bias"
+        self.bias = float(seg.config.get(key) or 1.0)
         self.active = nd == 2 and seg.task == "instance" and bool(self.model_d)
         self.diameter = float(diameter) if diameter is not None else None
         self.zoom: float = 1.0
