@@ -45,6 +45,7 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from .metrics import _overlap
+from .postprocess import _each, _threads_for
 from .scale import largest_per_label
 
 __all__ = [
@@ -356,7 +357,7 @@ def instances_3d_from_stack(
         radii = largest_per_label(dist, cores, n_cores) if n_cores else [0.0]
         h = float(np.clip(H_FRACTION * np.median(radii), 1.0, None))
     del cores
-    peaks = h_maxima(dist, float(h)) if h > 0 else core
+    peaks = _h_maxima_by_piece(dist, core, float(h)) if h > 0 else core
     markers, n = ndimage.label(peaks, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return labels
@@ -369,6 +370,34 @@ def instances_3d_from_stack(
         split_by_z_profile(labels, image, valley=valley, trim=trim)
     drop_faint(labels, image, min_contrast)
     return _drop_small(labels, int(np.ceil(min_size / vox)))
+
+
+def _h_maxima_by_piece(dist: np.ndarray, core: np.ndarray, h: float) -> np.ndarray:
+    """:func:`skimage.morphology.h_maxima` of ``dist`` (0 outside ``core``, > 0 inside), one
+    piece of ``core`` at a time in its bounding box (one voxel of margin).
+
+    The same maxima as over the whole volume: pieces touch only through zeros, and the
+    reconstruction cannot carry a value above 0 across them, so each piece's maxima depend on
+    that piece alone. Over the whole volume skimage sorts every voxel of it (64x512x512:
+    18.0 s of a 35.5 s assembly); the pieces hold a fraction of the voxels.
+    """
+    full = np.ones((3,) * core.ndim, bool)  # the reconstruction's own footprint
+    pieces, _ = ndimage.label(core, structure=full)
+    peaks = np.zeros(core.shape, np.uint8)
+
+    def one(item) -> None:
+        i, sl = item
+        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        own = pieces[box] == i
+        d = np.where(own, dist[box], 0.0)
+        if d.max() < h:
+            return  # its highest point is under h above the zeros around it: no maximum
+        found = (h_maxima(d, h) > 0) & own
+        peaks[box][found] = 1  # only this piece's voxels: threads never write the same ones
+
+    items = [(i, sl) for i, sl in enumerate(ndimage.find_objects(pieces), 1) if sl is not None]
+    _each(one, items, _threads_for(core.size))
+    return peaks
 
 
 class SliceLinker:
