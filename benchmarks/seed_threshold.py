@@ -63,7 +63,7 @@ def main() -> None:
     print(machine_line())
     print(f"load average at start: {load1():.2f}")
     seg = (
-        nu.Segmenter(args.model)
+        nu.Segmenter.load(args.model)
         if os.path.isdir(args.model)
         else nu.Segmenter.pretrained(args.model)
     )
