@@ -333,6 +333,18 @@ def test_row08_wrong_type_named(model_dir):
     refused(model_dir, "postprocess.seed_threshold", "number")
 
 
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda c: c["postprocess"].update(seed_threshold_3d=1.5), "postprocess.seed_threshold_3d"),
+        (lambda c: c.update(volume_size_bias=-1.0), "volume_size_bias"),
+    ],
+)
+def test_volume_settings_out_of_range_named(model_dir, edit, field):
+    edit_config(model_dir, edit)
+    refused(model_dir, field)
+
+
 def test_unknown_key_is_a_typo(model_dir):
     edit_config(model_dir, lambda c: c["postprocess"].update(seed_treshold=0.4))
     refused(model_dir, "postprocess.seed_treshold", "not a known field")
