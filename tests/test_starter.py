@@ -109,5 +109,8 @@ def test_starter_separates_touching_nuclei_and_volumes_keep_their_own_seed_thres
     assert seg.predict(img).labels.max() == 0
     out = seg.predict(vol, "ZYX", scale=(2, 1, 1)).labels
     assert out.max() == 2 and instance_f1(out, vlab) == 1.0
+    streamed = np.zeros(vlab.shape, np.int32)  # slices linked one at a time: planes of a volume
+    seg.predict(vol, "ZYX", scale=(2, 1, 1), labels_out=streamed)
+    assert streamed.max() == 2 and instance_f1(streamed, vlab) == 1.0
     pp["seed_threshold_3d"] = None  # then volumes follow the 2D threshold
     assert seg.predict(vol, "ZYX", scale=(2, 1, 1)).labels.max() == 0

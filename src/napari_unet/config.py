@@ -113,8 +113,8 @@ class Postprocess(Section):
     """Probabilities -> labels."""
 
     seed_threshold: float = opt(0.5, lo=0.0, hi=1.0)
-    #: the seed threshold of the 3D assembly of a volume (None: ``seed_threshold``); its rules
-    #: were tuned at a threshold of its own (see ``postprocess3d``)
+    #: the seed threshold of a volume's 3D assembly and of its planes linked one at a time
+    #: (None: ``seed_threshold``); the assembly's rules were tuned at a threshold of their own
     seed_threshold_3d: float | None = opt(None, lo=0.0, hi=1.0)
     foreground_threshold: float = opt(0.5, lo=0.0, hi=1.0)
     min_size: int | None = opt(None, lo=0)

@@ -498,7 +498,7 @@ class Segmenter:
                         self._instances_3d(pbuf, lbuf, job.spacing, job.signal(t))
                         final, next_id = link_to_previous(None, lbuf, next_id, out=lbuf)
                     elif Z > 1:  # one slice at a time, linked; the linker never chains
-                        self._instances(pbuf, lbuf, job.spacing)
+                        self._instances(pbuf, lbuf, job.spacing, volume=True)
                         if linker is None:
                             linker = SliceLinker(start_id=next_id)
                         final = linker(lbuf, job.signal(t, z))
@@ -527,11 +527,21 @@ class Segmenter:
             return 4
         return 2 if math.prod(tile) <= 512 * 512 else 1
 
-    def _instances(self, probs: np.ndarray, out: np.ndarray, spacing) -> np.ndarray:
+    def _seed_threshold(self, volume: bool) -> float:
+        """The config's seed threshold: ``seed_threshold_3d`` for the planes and the 3D
+        assembly of a volume (when set), ``seed_threshold`` otherwise."""
+        pp = self.config.get("postprocess", {})
+        if volume and pp.get("seed_threshold_3d") is not None:
+            return float(pp["seed_threshold_3d"])
+        return float(pp.get("seed_threshold", 0.5))
+
+    def _instances(
+        self, probs: np.ndarray, out: np.ndarray, spacing, volume: bool = False
+    ) -> np.ndarray:
         pp = self.config.get("postprocess", {})
         return instances_from_probabilities(
             probs,
-            seed_threshold=pp.get("seed_threshold", 0.5),
+            seed_threshold=self._seed_threshold(volume),
             foreground_threshold=pp.get("foreground_threshold", 0.5),
             min_size=pp.get("min_size"),
             out=out,
@@ -545,18 +555,15 @@ class Segmenter:
         if pp.get("assembly") == "2d-linked":
             linker = SliceLinker()
             for z in range(probs.shape[1]):
-                self._instances(probs[:, z], out[z], None)
+                self._instances(probs[:, z], out[z], None, volume=True)
                 out[z] = linker(out[z], None if image is None else image[z])
             return out
         kw = {k: pp[k] for k in ("min_size", "min_seed_size") if pp.get(k) is not None}
-        seed_3d = pp.get("seed_threshold_3d")
-        if seed_3d is None:
-            seed_3d = pp.get("seed_threshold", 0.5)
         return instances_3d_from_stack(
             probs,
             spacing,
             image=image,
-            seed_threshold=seed_3d,
+            seed_threshold=self._seed_threshold(True),
             foreground_threshold=pp.get("foreground_threshold", 0.5),
             out=out,
             **kw,
