@@ -76,12 +76,17 @@ def real(spec: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--multipliers", default="1,1.25,1.5,1.75,2")
+    ap.add_argument("--model", default="nuclei", help="a starter's name or a model folder")
     ap.add_argument("--real", action="append", default=[], help="FOLDER:Z,Y,X (repeatable)")
     args = ap.parse_args()
     ms = [float(m) for m in args.multipliers.split(",")]
     print(machine_line())
     print(f"load average at start: {load1():.2f}\n")
-    seg = nu.Segmenter.pretrained("nuclei")
+    seg = (
+        nu.Segmenter.load(args.model)
+        if os.path.isdir(args.model)
+        else nu.Segmenter.pretrained(args.model)
+    )
     seg.config["volume_size_bias"] = None
     print("| set | volume | measured d | " + " | ".join(f"m = {m:g}" for m in ms) + " |")
     print("|---|---|---|" + "---|" * len(ms))

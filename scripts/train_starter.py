@@ -31,6 +31,7 @@ from napari_unet.metrics import instance_f1
 from napari_unet.safeguard import size_bias
 from napari_unet.scale import diameter_of_labels, resize_image, resize_labels, zoomed_shape
 from napari_unet.synthetic import make_realistic_nuclei, random_style
+from napari_unet.synthetic3d import make_nuclei_3d
 
 SPREAD = 1.6  # object sizes from diameter / SPREAD to diameter * SPREAD
 
@@ -66,12 +67,47 @@ def generated_set(n: int, diameter: float, seed: int, size: int = 192):
     return imgs, labs
 
 
+def largest_section_diameter(lab: np.ndarray) -> float:
+    """Median over the objects of a (Z, Y, X) label volume of the equivalent diameter of each
+    one's largest cross-section (what a user calls a nucleus's size)."""
+    n = int(lab.max())
+    area = np.zeros(n + 1)
+    for plane in lab:
+        area = np.maximum(area, np.bincount(plane.ravel(), minlength=n + 1)[: n + 1])
+    return float(np.median(np.sqrt(4.0 * area[1:][area[1:] > 0] / np.pi)))
+
+
+def volume_planes(n: int, per_volume: int, diameter: float, seed: int, rng: np.random.Generator):
+    """Planes of generated volumes (``synthetic3d.make_nuclei_3d``: nuclei touching and stacked
+    in Z, anisotropy 1-5, the haze of the nuclei above and below), each with its own plane of
+    the 3D labels, resized so the nuclei's largest cross-sections come out near ``diameter``."""
+    imgs, labs = [], []
+    for i in range(n):
+        a = float(rng.choice([1.0, 1.5, 2.0, 3.0, 4.0, 5.0]))
+        r0 = float(rng.uniform(5, 12))
+        img, lab = make_nuclei_3d(
+            (max(12, int(96 / a)), 160, 160), anisotropy=a, radius=(r0, r0 * rng.uniform(1.4, 2.0)),
+            snr=float(rng.uniform(3, 7)), stacked=float(rng.uniform(0.2, 0.6)),
+            touching=float(rng.uniform(0.3, 0.7)), axial_blur=float(rng.uniform(2, 4)),
+            seed=20_000 + seed * 1000 + i,
+        )  # fmt: skip
+        f = diameter * jitter(rng) / largest_section_diameter(lab)
+        z0, z1 = img.shape[0] // 4, max(img.shape[0] // 4 + 1, 3 * img.shape[0] // 4)
+        for z in np.linspace(z0, z1 - 1, per_volume).round().astype(int):
+            shape = zoomed_shape(lab[z].shape, f, minimum=16)
+            imgs.append(resize_image(img[z].astype(np.float32), shape))
+            labs.append(resize_labels(lab[z], shape))
+    return imgs, labs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--real", default="../shared/data/real/dsb2018-stage1-fluo")
     ap.add_argument("--real-images", type=int, default=6)
     ap.add_argument("--copies", type=int, default=4, help="object sizes per real image")
     ap.add_argument("--generated", type=int, default=60)
+    ap.add_argument("--volumes", type=int, default=0, help="generated volumes to take planes of")
+    ap.add_argument("--planes-per-volume", type=int, default=4)
     ap.add_argument("--diameter", type=float, default=18.0)
     ap.add_argument("--seconds", type=float, default=1500)
     ap.add_argument("--seed", type=int, default=1)
@@ -100,6 +136,15 @@ def main() -> None:
     imgs += g_imgs
     labs += g_labs
     tags += [f"generated realistic nuclei seed {args.seed * 1000 + i}" for i in range(len(g_imgs))]
+    v_imgs, v_labs = volume_planes(
+        args.volumes, args.planes_per_volume, args.diameter, args.seed, rng
+    )
+    imgs += v_imgs
+    labs += v_labs
+    tags += [
+        f"plane of generated volume {i // max(args.planes_per_volume, 1)}"
+        for i in range(len(v_imgs))
+    ]
     print(f"{len(imgs)} training images ({len(names)} real x {args.copies} sizes)", flush=True)
 
     if args.init == "none":
@@ -141,9 +186,15 @@ def main() -> None:
     )
     print(f"held-out generated (12 images, unseen seeds): F1@0.5 {f1:.3f}")
     real = [f"DSB2018 stage1 {n} (Caicedo et al. 2019, CC0)" for n in names]
-    seg.config["trained_on"] = real + [
-        f"{args.generated} generated realistic nuclei images (seed {args.seed})"
-    ]
+    seg.config["trained_on"] = (
+        real
+        + [f"{args.generated} generated realistic nuclei images (seed {args.seed})"]
+        + (
+            [f"{len(v_imgs)} planes of {args.volumes} generated nuclei volumes (seed {args.seed})"]
+            if v_imgs
+            else []
+        )
+    )
     seg.config["history"][-1]["trained_on"] = seg.config["trained_on"]
     # the size these weights measure objects at, on the shipped bank (predict divides its
     # estimate by it); the parent's would be stale: 1.179-1.197 over the runs of docs/benchmarks

@@ -206,6 +206,22 @@ def test_a_round_on_a_volume_predicts_volumes_at_the_zoom_it_trained_at():
     assert seg.config["volume_zoom"] == 0.5  # later rounds keep it
 
 
+def test_a_models_own_smoothing_and_seed_height_reach_the_3d_assembly(starter):
+    """``postprocess.smooth_3d`` and ``h_fraction_3d`` of a model's config are what its 3D
+    assembly uses: a higher seed height merges touching nuclei, a lower one and less
+    smoothing split them."""
+    img, _ = make_nuclei_3d((16, 96, 96), anisotropy=2.0, touching=0.7, seed=7)
+    seg = starter.copy()
+    pp = seg.config["postprocess"]
+    pp.update(smooth_3d=None, h_fraction_3d=None)
+    default = seg.predict(img, "ZYX", scale=(2, 1, 1))
+    pp["h_fraction_3d"] = 1.5
+    merged = seg.predict(img, "ZYX", scale=(2, 1, 1)).labels.max()
+    pp.update(h_fraction_3d=0.1, smooth_3d=0.5)
+    split = seg.predict(img, "ZYX", scale=(2, 1, 1)).labels.max()
+    assert merged < default.labels.max() < split, (merged, default.labels.max(), split)
+
+
 def test_volume_size_estimate_is_divided_by_the_volume_size_bias():
     """A volume's object size (measured on its middle plane) is divided by the model's
     ``volume_size_bias``, not by the 2D ``size_bias``; images keep the 2D one."""

@@ -338,6 +338,8 @@ def test_row08_wrong_type_named(model_dir):
     [
         (lambda c: c["postprocess"].update(seed_threshold_3d=1.5), "postprocess.seed_threshold_3d"),
         (lambda c: c.update(volume_size_bias=-1.0), "volume_size_bias"),
+        (lambda c: c["postprocess"].update(smooth_3d=-0.5), "postprocess.smooth_3d"),
+        (lambda c: c["postprocess"].update(h_fraction_3d=5.0), "postprocess.h_fraction_3d"),
     ],
 )
 def test_volume_settings_out_of_range_named(model_dir, edit, field):

@@ -116,6 +116,12 @@ class Postprocess(Section):
     #: the seed threshold of a volume's 3D assembly and of its planes linked one at a time
     #: (None: ``seed_threshold``); the assembly's rules were tuned at a threshold of their own
     seed_threshold_3d: float | None = opt(None, lo=0.0, hi=1.0)
+    #: the 3D assembly's smoothing of the stacked probabilities, sigma in in-plane pixels
+    #: (None: ``postprocess3d.SMOOTH``), and its seed height as a fraction of the median core
+    #: radius (None: ``postprocess3d.H_FRACTION``): both depend on how the network's
+    #: probabilities flicker from plane to plane, so a model carries its own
+    smooth_3d: float | None = opt(None, lo=0.0, hi=10.0)
+    h_fraction_3d: float | None = opt(None, lo=0.0, hi=2.0)
     foreground_threshold: float = opt(0.5, lo=0.0, hi=1.0)
     min_size: int | None = opt(None, lo=0)
     min_seed_size: int | None = opt(None, lo=0)

@@ -59,6 +59,8 @@ __all__ = [
 
 #: Default seed height ``h`` as a fraction of the median core radius.
 H_FRACTION = 0.3
+#: Default smoothing of the stacked probabilities (Gaussian sigma, in-plane pixels).
+SMOOTH = 2.0
 #: Defaults of the Z rules (see :func:`instances_3d_from_stack`).
 CONTACT, VALLEY, TRIM, MIN_CONTRAST = 0.65, 0.9, 0.2, 0.25
 
@@ -270,8 +272,9 @@ def instances_3d_from_stack(
     image: np.ndarray | None = None,
     seed_threshold: float = 0.5,
     foreground_threshold: float = 0.5,
-    smooth: float = 2.0,
+    smooth: float = SMOOTH,
     h: float | None = None,
+    h_fraction: float = H_FRACTION,
     contact: float = CONTACT,
     valley: float = VALLEY,
     trim: float = TRIM,
@@ -299,8 +302,10 @@ def instances_3d_from_stack(
         Gaussian sigma in in-plane pixels (the same physical width along Z); 0 disables.
     h
         Height, in in-plane pixels of distance, a core's peak must stand above the saddle with
-        a neighbour to be a seed of its own; larger merges more. Default: ``H_FRACTION`` times
+        a neighbour to be a seed of its own; larger merges more. Default: ``h_fraction`` times
         the median radius of the cores (so the rule does not depend on the nuclei's size).
+    h_fraction
+        See ``h`` (default ``H_FRACTION``).
     contact
         Objects stacked face to face in Z over this fraction of the smaller one's largest
         cross-section are joined before the Z-profile rules (:func:`merge_stacked`; 0 disables).
@@ -355,7 +360,7 @@ def instances_3d_from_stack(
     if h is None:  # a fraction of the typical core radius: the same rule at every object size
         n_cores = int(cores.max())
         radii = largest_per_label(dist, cores, n_cores) if n_cores else [0.0]
-        h = float(np.clip(H_FRACTION * np.median(radii), 1.0, None))
+        h = float(np.clip(h_fraction * np.median(radii), 1.0, None))
     del cores
     peaks = _h_maxima_by_piece(dist, core, float(h)) if h > 0 else core
     markers, n = ndimage.label(peaks, structure=np.ones((3, 3, 3), bool))

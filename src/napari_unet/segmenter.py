@@ -559,6 +559,10 @@ class Segmenter:
                 out[z] = linker(out[z], None if image is None else image[z])
             return out
         kw = {k: pp[k] for k in ("min_size", "min_seed_size") if pp.get(k) is not None}
+        if pp.get("smooth_3d") is not None:
+            kw["smooth"] = float(pp["smooth_3d"])
+        if pp.get("h_fraction_3d") is not None:
+            kw["h_fraction"] = float(pp["h_fraction_3d"])
         return instances_3d_from_stack(
             probs,
             spacing,
