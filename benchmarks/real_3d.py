@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("folder", nargs="?")
     ap.add_argument("--speed", action="store_true", help="time a 64x512x512 volume and exit")
     ap.add_argument("--voxel", default=None, help="Z,Y,X voxel size (default isotropic)")
-    ap.add_argument("--models", default="nuclei", help="comma-separated names or folders")
+    ap.add_argument("--models", default="nuclei-volumes", help="comma-separated names or folders")
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--round-seconds", type=float, default=15.0)

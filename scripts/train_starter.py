@@ -11,6 +11,10 @@ Trains a small 2D instance U-Net at one object size (``--diameter``, px) on
 * generated nuclei from :func:`napari_unet.synthetic.make_realistic_nuclei` (textured, dim and
   bright, clutter, noise, 8/12/16-bit), drawn at sizes around ``--diameter``.
 
+With ``--volumes N`` it also trains on planes of ``N`` generated volumes
+(:func:`napari_unet.synthetic3d.make_nuclei_3d`): that is how the starter for Z stacks,
+``nuclei-volumes``, was made (its command is in ``docs/model-card-nuclei-volumes.md``).
+
 At prediction time images are resized so that their nuclei come out at that size
 (:mod:`napari_unet.scale`). ``--init`` starts from an existing model (the previous starter, to
 save CPU time) instead of from scratch. Deterministic for a given seed and thread count.
@@ -118,6 +122,13 @@ def main() -> None:
         "--strong-augment", action="store_true", help="also blur, re-curve and noise patches"
     )
     ap.add_argument("--out", default="src/napari_unet/models/nuclei")
+    ap.add_argument("--name", default="nuclei")
+    ap.add_argument(
+        "--assembly-3d",
+        default=None,
+        metavar="SMOOTH,H,SEED",
+        help="the 3D assembly's smoothing, seed height and seed threshold for this model",
+    )
     args = ap.parse_args()
     if args.real_images > 6:
         ap.error("--real-images: the DSB2018 images after the 6th by name are for scoring only")
@@ -148,12 +159,12 @@ def main() -> None:
     print(f"{len(imgs)} training images ({len(names)} real x {args.copies} sizes)", flush=True)
 
     if args.init == "none":
-        seg = nu.Segmenter.new(seed=args.seed, name="nuclei")
+        seg = nu.Segmenter.new(seed=args.seed, name=args.name)
     elif args.init.startswith("pretrained:"):
         seg = nu.Segmenter.pretrained(args.init.split(":", 1)[1])
     else:
         seg = nu.Segmenter.load(args.init)
-    seg.config["name"] = "nuclei"
+    seg.config["name"] = args.name
     # no object size while training: the images above are already at the sizes they must be
     # learnt at (diameter / SPREAD .. diameter x SPREAD). With it, fine-tuning trains each
     # image at the zoom predict picks for it, which undoes that spread and feeds the model's
@@ -210,6 +221,9 @@ def main() -> None:
         "heldout_generated_f1_at_0.5": round(f1, 4),
         "real_training_images": real,
     }
+    if args.assembly_3d:
+        sm, hf, st = (float(v) for v in args.assembly_3d.split(","))
+        seg.config["postprocess"].update(smooth_3d=sm, h_fraction_3d=hf, seed_threshold_3d=st)
     seg.save(args.out)
     print("saved", args.out)
 

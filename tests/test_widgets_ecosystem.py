@@ -22,7 +22,7 @@ def test_export_to_bioimageio_button(viewer_session, qtbot, tmp_path, monkeypatc
     for kind in got:
         for module in (models_mod, model_files, model_actions):
             monkeypatch.setattr(module, f"show_{kind}", got[kind].append, raising=False)
-    monkeypatch.setattr(models_mod, "_starter_entry", lambda: None)
+    monkeypatch.setattr(models_mod, "_starter_entries", lambda: [])
     session.set_segmenter(Segmenter.new(base_channels=4, depth=2), name="tiny")
     w = ModelManagerWidget(viewer)
     target = tmp_path / "tiny"  # the dialog's answer without the suffix

@@ -42,7 +42,7 @@ def messages(monkeypatch):
 def widget(make_napari_viewer, tmp_path, monkeypatch, messages):
     monkeypatch.setenv("NAPARI_UNET_HOME", str(tmp_path / "models"))
     # the registry rows alone; the shipped starter row has its own test below
-    monkeypatch.setattr(models_mod, "_starter_entry", lambda: None)
+    monkeypatch.setattr(models_mod, "_starter_entries", lambda: [])
     viewer = make_napari_viewer()
     session = session_for(viewer)
     session.registry = ModelRegistry(tmp_path / "models")
@@ -259,8 +259,8 @@ def test_starter_row_is_read_only(widget, messages, monkeypatch):
     starter = tiny(7)
     monkeypatch.setattr(
         models_mod,
-        "_starter_entry",
-        lambda: models_mod.Entry("nuclei", True, None, dict(starter.config)),
+        "_starter_entries",
+        lambda: [models_mod.Entry("nuclei", True, None, dict(starter.config))],
     )
     monkeypatch.setattr(Segmenter, "pretrained", classmethod(lambda cls, name: starter.copy()))
     w.refresh()
@@ -281,4 +281,4 @@ def test_shipped_starter_is_listed(make_napari_viewer, tmp_path, monkeypatch):
     viewer = make_napari_viewer()
     session_for(viewer).registry = ModelRegistry(tmp_path / "models")
     w = ModelManagerWidget(viewer)
-    assert w.model_names() == ["starter: nuclei"]
+    assert w.model_names() == ["starter: nuclei", "starter: nuclei-volumes"]

@@ -371,6 +371,35 @@ def test_starter_model_named_when_the_widget_opens(make_napari_viewer, tmp_path,
     assert widget.model_label.text().startswith("nuclei "), widget.model_label.text()
 
 
+def test_a_volume_gets_the_volume_starter_until_the_user_picks_a_model(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch, nuclei
+):
+    """With no model chosen, a ZYX layer is predicted with the starter for volumes and an
+    image with the 2D starter, and the widget names the one in use; a model the user loads
+    (or trains) is kept for both."""
+    from napari_unet.synthetic3d import make_nuclei_3d
+
+    monkeypatch.setenv("NAPARI_UNET_HOME", str(tmp_path / "models"))
+    viewer = make_napari_viewer()
+    s = session_for(viewer)
+    s.registry = ModelRegistry(tmp_path / "models")
+    w = PredictWidget(viewer)
+    assert s.model_name == "nuclei"
+    vol, _ = make_nuclei_3d((6, 48, 48), anisotropy=2.0, seed=1)
+    w.image_combo.set_value(viewer.add_image(vol, name="vol"))
+    run(qtbot, w, timeout=60_000)
+    assert s.model_name == "nuclei-volumes"
+    assert w.model_label.text().startswith("nuclei-volumes "), w.model_label.text()
+    assert _layers.find_own_layer(viewer, "vol").data.max() > 0
+    w.image_combo.set_value(viewer.add_image(nuclei[0], name="nuc"))
+    run(qtbot, w, timeout=60_000)
+    assert s.model_name == "nuclei"
+    s.set_segmenter(eager_model(), name="mine")  # as the Models widget's Load does
+    w.image_combo.set_value(viewer.layers["vol"])
+    run(qtbot, w, timeout=60_000)
+    assert s.model_name == "mine"
+
+
 def test_engine_choice_reaches_the_prediction_and_a_fallback_is_shown(
     make_widget, qtbot, nuclei, monkeypatch, messages
 ):

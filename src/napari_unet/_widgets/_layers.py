@@ -101,6 +101,15 @@ def _first_axis_is_time(layer: Layer, viewer: napari.Viewer | None) -> bool:
     return any(lab.strip().lower().startswith("t") for lab in labels)
 
 
+def is_volume(layer: Image, viewer: napari.Viewer | None = None) -> bool:
+    """True for a layer read as a Z stack (ZYX or TZYX), False for images and time-lapses, and
+    for a layer of a shape napari-unet does not handle (its error comes later)."""
+    try:
+        return "Z" in image_axes(layer, viewer)
+    except LayerError:
+        return False
+
+
 def image_axes(layer: Image, viewer: napari.Viewer | None = None) -> str:
     """Axes of an image layer for the core: YX, ZYX (or TYX), TZYX, with C for RGB."""
     nd = len(spatial_shape(layer))

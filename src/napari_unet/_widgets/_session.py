@@ -21,7 +21,11 @@ from ..store import ModelFileError, ModelRegistry
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["Session", "session_for"]
+__all__ = ["Session", "session_for", "STARTERS"]
+
+#: The starter a session picks for a layer: planes of volumes have their own 2D network
+#: (trained on the planes of generated volumes as well: the haze of the nuclei above and below).
+STARTERS = {"image": "nuclei", "volume": "nuclei-volumes"}
 
 
 class Session:
@@ -39,6 +43,9 @@ class Session:
         self.registry = registry if registry is not None else ModelRegistry()
         self._segmenter: Segmenter | None = None
         self.model_name: str = "untitled"
+        # True while the model is a shipped starter the session picked itself, untrained: the
+        # first volume (or image) it meets then gets the starter for its kind
+        self._auto = False
         # one training at a time per viewer; widgets acquire it without blocking
         self.training_lock = threading.Lock()
         # id(layer) -> (weak ref to the layer, copy of the labels the plugin wrote into it)
@@ -51,14 +58,35 @@ class Session:
         """The current model: the starter model ``nuclei`` if shipped, else a new one."""
         if self._segmenter is None:
             try:
-                self._segmenter = Segmenter.pretrained("nuclei")
-                self.model_name = "nuclei"
+                self._segmenter = Segmenter.pretrained(STARTERS["image"])
+                self.model_name = STARTERS["image"]
+                self._auto = True
             except ModelFileError:
                 self._segmenter = Segmenter.new(name="untitled")
                 self.model_name = "untitled"
         return self._segmenter
 
+    def segmenter_for(self, volume: bool) -> Segmenter:
+        """The current model for an image (``volume=False``) or the planes of a ZYX volume.
+
+        While the model is still the starter the session picked (nothing loaded, chosen or
+        trained), a volume gets the volume starter and an image the 2D one, and the widgets
+        are told (``model_changed``); any other model is used as it is.
+        """
+        seg = self.segmenter
+        want = STARTERS["volume" if volume else "image"]
+        if not self._auto or self.model_name == want or self.training_lock.locked():
+            return seg
+        try:
+            seg = Segmenter.pretrained(want)
+        except ModelFileError:  # not shipped: keep the one there is
+            return self._segmenter
+        self._segmenter, self.model_name = seg, want
+        self.model_changed.emit(seg)
+        return seg
+
     def set_segmenter(self, segmenter: Segmenter, name: str | None = None) -> None:
+        self._auto = False
         self._segmenter = segmenter
         if name is not None:
             self.model_name = name
@@ -100,6 +128,7 @@ class Session:
 
     def notify_trained(self) -> None:
         """Tell listeners that the current model's weights changed."""
+        self._auto = False
         if self._segmenter is not None:
             self.model_changed.emit(self._segmenter)
 

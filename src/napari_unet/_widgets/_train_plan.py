@@ -71,7 +71,7 @@ def plan_training(
     options = opts.options()
     pairs = data.pairs()
     axes = _common_axes(viewer, pairs)
-    seg = session.segmenter
+    seg = session.segmenter_for("Z" in axes)
     replace = not opts.from_current_check.isChecked()
     if replace:
         seg = untrained_like(seg, session.model_name)

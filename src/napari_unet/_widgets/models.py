@@ -47,7 +47,7 @@ from ._model_table import (  # noqa: F401 - the names of before the split
     fill_versions,
     steps_trained,
 )
-from ._session import session_for
+from ._session import STARTERS, session_for
 
 if TYPE_CHECKING:
     import napari
@@ -56,24 +56,28 @@ __all__ = ["ModelManagerWidget", "STARTER"]
 
 logger = logging.getLogger(__name__)
 
-#: Name of the starter model shipped with the package (read-only).
-STARTER = "nuclei"
+#: Name of the 2D starter model shipped with the package (read-only); the one for volumes is
+#: ``_session.STARTERS["volume"]``.
+STARTER = STARTERS["image"]
 
 
-def _starter_entry() -> Entry | None:
-    """The shipped starter model, if its files are there and readable (no weights loaded)."""
-    try:
-        from importlib import resources
+def _starter_entries() -> list[Entry]:
+    """The shipped starter models whose files are there and readable (no weights loaded)."""
+    out = []
+    for name in dict.fromkeys(STARTERS.values()):
+        try:
+            from importlib import resources
 
-        root = resources.files("napari_unet") / "models" / STARTER
-        if not root.is_dir():
-            return None
-        with resources.as_file(root) as p:
-            config = read_config(p)
-    except Exception as e:  # noqa: BLE001 - a broken starter is simply not offered
-        logger.debug("no usable starter model: %s", e)
-        return None
-    return Entry(STARTER, True, None, config)
+            root = resources.files("napari_unet") / "models" / name
+            if not root.is_dir():
+                continue
+            with resources.as_file(root) as p:
+                config = read_config(p)
+        except Exception as e:  # noqa: BLE001 - a broken starter is simply not offered
+            logger.debug("no usable starter model %r: %s", name, e)
+            continue
+        out.append(Entry(name, True, None, config))
+    return out
 
 
 # ----------------------------------------------------------------------------- widget
@@ -315,10 +319,7 @@ class ModelManagerWidget(ModelActions, ModelFiles, QWidget):
         prev_key = prev.key if prev is not None else None
         prev_version = self.selected_version()
 
-        entries: list[Entry] = []
-        starter = _starter_entry()
-        if starter is not None:
-            entries.append(starter)
+        entries: list[Entry] = _starter_entries()
         entries += [Entry(i.name, False, i, i.config) for i in self.registry.list()]
         self._entries = entries
 

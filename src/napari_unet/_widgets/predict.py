@@ -178,7 +178,7 @@ class PredictWidget(QWidget):
             show_error("no image layer to segment: open or choose an image first")
             return None
         try:
-            seg = self.session.segmenter
+            seg = self.session.segmenter_for(_layers.is_volume(layer, self.viewer))
             if self.session.training_lock.locked():
                 show_info("a training is running: predicting with a snapshot of the current model")
             request = _layers.make_request(

@@ -205,7 +205,7 @@ class SuggestPanel(QGroupBox):
         if layer is None:
             show_error("no image layer: open or choose an image first")
             return None
-        seg = self.session.segmenter
+        seg = self.session.segmenter_for(_layers.is_volume(layer, self.viewer))
         try:
             channels = self._channels(layer, seg) if self._channels is not None else None
             req = _layers.make_request(
