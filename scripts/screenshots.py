@@ -17,7 +17,11 @@ tabs, the window fitted to the screen; on a 1366x768 screen, as a laptop has):
 4. the Train widget while it fine-tunes on that region: progress, status, loss curve, preview;
 5. after the training and **Refresh prediction**;
 6. the Models widget listing the saved model and its versions;
-7. "Where to correct next": the uncertainty layer and the ranked regions, the first one clicked.
+7. "Where to correct next": the uncertainty layer and the ranked regions, the first one clicked;
+8. with ``--volume TIFF --voxel Z,Y,X`` (the shared mouse-embryo volume, say): that Z stack
+   opened with its voxel size as the layer's scale and predicted with the starter for Z
+   stacks, ``nuclei-volumes`` (loaded in the Models widget: the session keeps the model trained
+   above), seen in 3D.
 
 Models are saved in a temporary registry (``NAPARI_UNET_HOME``), never in the user's own.
 Everything is driven through the widgets' buttons and methods, like ``benchmarks/bench_gui.py``;
@@ -166,11 +170,46 @@ def correct_region(labels_layer, truth: np.ndarray, region: tuple[slice, slice])
     return int(changed.sum())
 
 
+def volume_step(viewer, pw, mw, docks, path: Path, voxel: str, out: Path) -> None:
+    """8. A Z stack with its voxel size, predicted by the starter for volumes. The session's
+    model is the one trained above, kept for every layer, so the starter is loaded from the
+    Models widget, as a user would (a fresh session picks it by itself)."""
+    import tifffile
+
+    from napari_unet._widgets import _layers
+
+    viewer.layers.clear()  # a new image, as a user would start it (the view fits it alone)
+    scale = tuple(float(v) for v in voxel.split(","))
+    name = path.stem
+    vol = viewer.add_image(tifffile.imread(path), name=name, scale=scale, colormap="gray")
+    assert mw.select("starter: nuclei-volumes") and mw.load()
+    docks[0].raise_()
+    pump(0.5)
+    assert pw.image_combo.value() is vol, "Predict must follow the new image layer"
+    pw.scope_combo.setCurrentText("whole layer")
+    pw.predict_button.click()
+    if not wait_until(lambda: not pw.running, 300):
+        raise SystemExit("the volume's prediction did not finish")
+    pred = _layers.find_own_layer(viewer, name)
+    print(f"volume: {pw.model_label.text()!r}; {pw.status_label.text()}")
+    viewer.dims.ndisplay = 3
+    vol.visible = False
+    pred.visible = True
+    viewer.reset_view()
+    camera = getattr(getattr(viewer, "scene", None), "camera", None) or viewer.camera
+    camera.angles = (0, -30, 55)
+    pump(1.0)
+    shot(viewer, out / "guide_8_volume.png", keep_toasts=True)
+    viewer.dims.ndisplay = 2
+
+
 # ----------------------------------------------------------------------------- the tour
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "docs" / "images"), help="output folder")
     p.add_argument("--train-seconds", type=int, default=20, help="training budget, s")
+    p.add_argument("--volume", default=None, help="a ZYX TIFF for step 8")
+    p.add_argument("--voxel", default="1,1,1", help="its voxel size Z,Y,X")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     pw.suggest.go_to(0)
     pump(1.0)
     shot(viewer, out / "guide_7_uncertainty.png", keep_toasts=True)
+    if args.volume:
+        volume_step(viewer, pw, mw, docks, Path(args.volume), args.voxel, out)
     viewer.close()
     return 0
 

@@ -98,6 +98,9 @@ def test_stack_regions_are_slices_and_jump_changes_slice(setup, qtbot, messages)
     viewer.dims.set_point(0, 0)
     w.suggest.go_to(0)
     assert viewer.dims.current_step[0] == 2
+    # the uncertainty layer deleted: its regions are no longer listed
+    viewer.layers.remove("stack [unet uncertainty]")
+    assert w.suggest.region_list.count() == 0 and w.suggest.regions == []
 
 
 def test_cancel_and_bad_input(setup, qtbot, messages):

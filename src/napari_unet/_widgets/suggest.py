@@ -191,6 +191,7 @@ class SuggestPanel(QGroupBox):
         layout.addWidget(self.region_list)
         self.run_button.clicked.connect(self.start)
         self.region_list.itemClicked.connect(self._on_click)
+        viewer.layers.events.removed.connect(self._on_layer_removed)
 
     @property
     def running(self) -> bool:
@@ -321,6 +322,17 @@ class SuggestPanel(QGroupBox):
             logger.exception("napari-unet: could not move the camera")
             show_error(user_message(e))
 
+    def _on_layer_removed(self, event=None) -> None:
+        """The uncertainty layer removed: its regions are no longer listed (they would point
+        into a layer that is gone)."""
+        if self._closed or self._map_layer is None or self._layer() is not None:
+            return
+        self.regions, self._map_layer = [], None
+        try:
+            self.region_list.clear()
+        except RuntimeError:  # the Qt widget is gone
+            self._closed = True
+
     def _layer(self):
         """The uncertainty layer: the regions are in its pixel coordinates."""
         for layer in self.viewer.layers:
@@ -330,6 +342,10 @@ class SuggestPanel(QGroupBox):
 
     def shutdown(self) -> None:
         self._closed = True
+        try:
+            self.viewer.layers.events.removed.disconnect(self._on_layer_removed)
+        except (TypeError, ValueError, RuntimeError):  # never connected, or already gone
+            pass
         task, self.task = self.task, None
         if task is not None:
             task.stop(timeout=10.0)
