@@ -55,7 +55,8 @@ class Session:
 
     @property
     def segmenter(self) -> Segmenter:
-        """The current model: the starter model ``nuclei`` if shipped, else a new one."""
+        """The current model: at first the 2D starter ``nuclei`` if shipped (else a new one);
+        :meth:`segmenter_for` swaps in the starter for volumes while no model was chosen."""
         if self._segmenter is None:
             try:
                 self._segmenter = Segmenter.pretrained(STARTERS["image"])
