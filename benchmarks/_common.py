@@ -5,7 +5,8 @@
   (``/proc/stat`` busy time minus this process's own CPU time), because the benchmark machine
   may be shared and torch with all cores slows down many-fold when another process is busy,
 * a peak-RSS meter (5 ms sampling thread plus the kernel's high-water mark ``VmHWM``),
-* plain-text tables.
+* plain-text tables,
+* :func:`load_model`: a shipped starter by name, or a model folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ import psutil
 import torch
 
 MiB = 1024**2
+
+
+def load_model(name: str):
+    """A model folder (``Segmenter.load``) or a shipped starter's name (``pretrained``)."""
+    import napari_unet as nu
+
+    return nu.Segmenter.load(name) if os.path.isdir(name) else nu.Segmenter.pretrained(name)
 
 
 # ------------------------------------------------------------------------------ machine

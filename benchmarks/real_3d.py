@@ -33,14 +33,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
 import tifffile
 import torch
 
-import napari_unet as nu
-from napari_unet.metrics import instance_f1
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import load_model  # noqa: E402
+
+import napari_unet as nu  # noqa: E402
+from napari_unet.metrics import instance_f1  # noqa: E402
 
 
 def spaced(lo: int, hi: int, n: int) -> list[int]:
@@ -75,10 +79,6 @@ def f1_bottom(pred: np.ndarray, gt: np.ndarray, half: int) -> float:
         np.where(centroid_half(pred, half)[pred], pred, 0),
         np.where(centroid_half(gt, half)[gt], gt, 0),
     )
-
-
-def load_model(name: str) -> nu.Segmenter:
-    return nu.Segmenter.load(name) if os.path.isdir(name) else nu.Segmenter.pretrained(name)
 
 
 def predict(seg: nu.Segmenter, img: np.ndarray, voxel) -> np.ndarray:

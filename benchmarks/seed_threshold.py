@@ -26,10 +26,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import load1, machine_line  # noqa: E402
+from _common import load1, load_model, machine_line  # noqa: E402
 from real import load  # noqa: E402
 
-import napari_unet as nu  # noqa: E402
 from napari_unet.metrics import match_instances  # noqa: E402
 from napari_unet.postprocess import instances_from_probabilities  # noqa: E402
 from napari_unet.synthetic import make_realistic_nuclei  # noqa: E402
@@ -62,11 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     print(machine_line())
     print(f"load average at start: {load1():.2f}")
-    seg = (
-        nu.Segmenter.load(args.model)
-        if os.path.isdir(args.model)
-        else nu.Segmenter.pretrained(args.model)
-    )
+    seg = load_model(args.model)
     pairs = load(args.folder)
     n_train = len(pairs) // 2 if args.train is None else args.train
     probs = [(seg.predict(img).probabilities, lab) for _, img, lab in pairs]

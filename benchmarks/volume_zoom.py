@@ -27,9 +27,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import load1, machine_line  # noqa: E402
+from _common import load1, load_model, machine_line  # noqa: E402
 
-import napari_unet as nu  # noqa: E402
 from napari_unet.metrics import match_instances  # noqa: E402
 from napari_unet.synthetic3d import make_nuclei_3d  # noqa: E402
 
@@ -82,11 +81,7 @@ def main() -> None:
     ms = [float(m) for m in args.multipliers.split(",")]
     print(machine_line())
     print(f"load average at start: {load1():.2f}\n")
-    seg = (
-        nu.Segmenter.load(args.model)
-        if os.path.isdir(args.model)
-        else nu.Segmenter.pretrained(args.model)
-    )
+    seg = load_model(args.model)
     seg.config["volume_size_bias"] = None
     print("| set | volume | measured d | " + " | ".join(f"m = {m:g}" for m in ms) + " |")
     print("|---|---|---|" + "---|" * len(ms))

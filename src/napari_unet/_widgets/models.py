@@ -63,11 +63,11 @@ STARTER = STARTERS["image"]
 
 def _starter_entries() -> list[Entry]:
     """The shipped starter models whose files are there and readable (no weights loaded)."""
+    from importlib import resources
+
     out = []
     for name in dict.fromkeys(STARTERS.values()):
         try:
-            from importlib import resources
-
             root = resources.files("napari_unet") / "models" / name
             if not root.is_dir():
                 continue
