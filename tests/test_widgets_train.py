@@ -285,6 +285,9 @@ def test_stack_trains_on_the_corrected_slices_only(setup, qtbot, messages, first
     assert mask.shape == stack.shape
     assert mask[1].all() and not mask[0].any() and not mask[2].any()
     assert any("1 of 3 slices" in m for m in messages["info"]), messages["info"]
+    # a Z stack's round is not guarded: the user is told where the previous model is
+    unchecked = [m for m in messages["info"] if "previous version in Models" in m]
+    assert bool(unchecked) == (first_axis == "z"), messages["info"]
     # the layer became the user's, and training did not change it
     assert pred.name == "stack [corrected]"
     np.testing.assert_array_equal(pred.data[1], truth[1])
