@@ -36,7 +36,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import load1, load_model, machine_line  # noqa: E402
-from real import load  # noqa: E402
+from real import finetune, load  # noqa: E402
+from real_3d import centroid_half  # noqa: E402
 
 from napari_unet.metrics import match_instances  # noqa: E402
 
@@ -46,13 +47,7 @@ SIDES = (0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.0, 1.0)
 
 def bottom_ids(labels: np.ndarray, half: int) -> np.ndarray:
     """Bool per id: its centroid lies in the bottom half (Y >= half)."""
-    n = int(labels.max())
-    cnt = np.bincount(labels.ravel(), minlength=n + 1)
-    y = np.broadcast_to(np.arange(labels.shape[0])[:, None], labels.shape)
-    ys = np.bincount(labels.ravel(), weights=y.ravel(), minlength=n + 1)
-    out = ys >= half * np.maximum(cnt, 1)
-    out[0] = False
-    return out
+    return centroid_half(labels[None], half)  # the 3D rule, on a volume of one plane
 
 
 def bottom(labels: np.ndarray, half: int) -> np.ndarray:
@@ -71,10 +66,7 @@ def f1(c) -> float:
 
 def tune(seg, img, lab, mask, seconds, threads):
     s = seg.copy()
-    last = None
-    for last in s.finetune(img, lab, mask, time_limit_s=seconds, num_threads=threads):  # noqa: B007
-        pass
-    return s, last
+    return s, finetune(s, img, lab, mask, seconds, threads)
 
 
 def square(shape, half: int, frac: float) -> tuple[slice, slice]:
