@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import data
+from . import _memory, data
 from .scale import (
     NEAR,
     densest_window,
@@ -164,7 +164,7 @@ class _Sizer:
             small = zoomed_shape(crop.shape[1:], z)
             if min(small) < 64:
                 return None  # never confirmed by a second, coarser look
-            buf = np.zeros((classes, *small), np.float32)
+            buf = _memory.zeros((classes, *small), np.float32)
             for _ in run.tiles(resize_image(crop, small), buf, _as_float32, small):
                 pass
             d = self._measured(buf[0] < 0.5)
@@ -205,7 +205,7 @@ class _Sizer:
         # (float64 x 1e300) would overflow to inf in a float32 resize
         plane = transform(np.asarray(src[tuple(slice(None) for _ in range(3))]))
         small = zoomed_shape(spatial, self.zoom)
-        buf = np.zeros((out.shape[0], *small), np.float32)
+        buf = _memory.zeros((out.shape[0], *small), np.float32)
         for d in run.tiles(resize_image(plane, small), buf, _as_float32, small):
             yield d
         if self.refine_left > 0 and self.zoom < 1.0:
@@ -432,7 +432,9 @@ class _Buffers:
     def __enter__(self):
         n = math.prod(self.shape)
         if n * (4 * self.k + 4) <= _MEMMAP_ABOVE:
-            return np.zeros((self.k, *self.shape), np.float32), np.zeros(self.shape, np.int32)
+            return _memory.zeros((self.k, *self.shape), np.float32), _memory.zeros(
+                self.shape, np.int32
+            )
         self.dir = tempfile.mkdtemp(prefix="napari-unet-")
         p = np.lib.format.open_memmap(
             os.path.join(self.dir, "p.npy"), "w+", np.float32, (self.k, *self.shape)

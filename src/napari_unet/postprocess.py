@@ -18,6 +18,7 @@ import torch
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from . import _memory
 from .metrics import _overlap
 
 __all__ = [
@@ -114,11 +115,11 @@ def instances_from_probabilities(
     if vv != 1.0:
         min_size = int(np.ceil(min_size / vv))
         min_seed_size = int(np.ceil(min_seed_size / vv))
-    labels = np.zeros(spatial, np.int32) if out is None else out
+    labels = _memory.zeros(spatial, np.int32) if out is None else out
     if labels.shape != spatial:
         raise ValueError(f"out has shape {labels.shape}, expected {spatial}")
 
-    seeds = np.empty(spatial, bool)
+    seeds = _memory.empty(spatial, bool)
     for s in range(0, spatial[0], strip):
         np.greater(prob[1, s : s + strip], seed_threshold, out=seeds[s : s + strip])
     ndimage.label(seeds, output=labels)
@@ -146,7 +147,7 @@ def _grow(prob, labels, seeds, bg_max: float, strip: int, margin: int) -> None:
     On a 2048x2048 image of nuclei this floods about a third of the foreground pixels.
     """
     fg = prob[0] < bg_max
-    comp = np.empty(labels.shape, np.int32)
+    comp = _memory.empty(labels.shape, np.int32)
     n = ndimage.label(fg, output=comp)
     del fg  # the components hold it (comp > 0); one image-sized array fewer at the peak
     if n == 0:
@@ -310,7 +311,7 @@ def flood(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.nd
 def classes_from_probabilities(probabilities: np.ndarray, strip: int = 1024) -> np.ndarray:
     """Class ids ``(*S)`` int32 by argmax over the class axis of ``(K, *S)`` probabilities."""
     prob = probabilities
-    out = np.empty(prob.shape[1:], np.int32)
+    out = _memory.empty(prob.shape[1:], np.int32)
     for s in range(0, out.shape[0], strip):
         out[s : s + strip] = np.argmax(prob[:, s : s + strip], axis=0)
     return out

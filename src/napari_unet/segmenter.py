@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import data, engines, store
+from . import _memory, data, engines, store
 from .config import ModelConfig, PredictOptions, check_weights, source_name
 from .inference import (  # noqa: F401 - old names, kept importable from here
     _MEMMAP_ABOVE,
@@ -414,7 +414,7 @@ class Segmenter:
         prediction would add; ``volume``: the plane is the middle one of a volume."""
         job = self._plan(plane, axes, None, None, "auto", None, None, None, None, False, "torch")
         sizer = _Sizer(self, None, self.ndim, volume=volume)
-        out = np.zeros((self.net.out_channels, *job.spatial), np.float32)
+        out = _memory.zeros((self.net.out_channels, *job.spatial), np.float32)
         try:
             for _ in sizer.tiles(job.run, job.source(0, 0), out, job.transform, job.spatial):
                 pass
@@ -462,7 +462,7 @@ class Segmenter:
     def _in_memory(self, job: _Job, sizer: _Sizer, keep_probs: bool):
         """Every plane into one probability array, then the post-processing of the whole."""
         T, Z, _, Y, X = job.canon.shape
-        probs = np.zeros((self.net.out_channels, T, Z, Y, X), np.float32)
+        probs = _memory.zeros((self.net.out_channels, T, Z, Y, X), np.float32)
         done, per, total = 0, job.per_plane, job.total
         for t in range(T):
             for z in _plane_order(Z if job.nd == 2 else 1):
@@ -578,7 +578,7 @@ class Segmenter:
 
         ``volume(t)``, when given, is frame t's (Z, Y, X) intensities for the 3D assembly."""
         _, T, Z, Y, X = probs.shape
-        labels = np.zeros((T, Z, Y, X), np.int32)
+        labels = _memory.zeros((T, Z, Y, X), np.int32)
         offset = 0
         for t in range(T):
             if self.task == "semantic":

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _memory
 from .blockcache import BlockCache, chunk_shape  # noqa: F401 - re-exported (old home)
 
 __all__ = [
@@ -427,7 +428,7 @@ def _checked(predict_fn, image, out_channels, batch_size, pad_mode, transform, o
         raise ValueError("predict_fn must be callable")
     out_shape = (int(out_channels), *shape[1:])
     if out is None:
-        out = np.zeros(out_shape, dtype=dtype)
+        out = _memory.zeros(out_shape, dtype)
     elif tuple(getattr(out, "shape", ())) != out_shape:
         raise ValueError(f"out has shape {tuple(getattr(out, 'shape', ()))}, expected {out_shape}")
     return shape, out, (_default_transform if transform is None else transform)
