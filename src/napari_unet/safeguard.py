@@ -108,8 +108,8 @@ def round_lr(n_objects: int, base: float = LR_ROUND) -> float:
 #: share of a safe round's change of the weights that is kept (:func:`blend_weights`).
 #: Measured on six DSB2018 images the starter never saw (the top half of each corrected, the
 #: bottom halves scored, ``benchmarks/real_halves.py``' protocol; pooled F1, untrained 0.888):
-#: the round's own weights 0.870-0.896 in 5 runs of 15 s and 60 s, half of the change
-#: 0.884-0.918 (one image fell 0.882 -> 0.848 in 3 of the 5), a quarter 0.897-0.906 in 4 runs
+#: the round's own weights 0.870-0.896 in 6 runs of 15 s and 60 s, half of the change
+#: 0.884-0.918 (one image fell 0.882 -> 0.848 in 4 of 5), a quarter 0.897-0.906 in 5 runs
 BLEND = 0.25
 
 
