@@ -142,7 +142,7 @@ def blend_weights(net, start_state: dict, share: float = BLEND) -> str:
             if value.is_floating_point():
                 old = start_state[key].to(value.device)
                 value.copy_(old + share * (value - old))
-    return f"; kept {share:.0%} of the change (the new weights averaged with the previous)"
+    return f"; kept {share:.0%} of the change: the new weights averaged with the previous ones"
 
 
 def replay_samples(seg, n: int = 2, size: int = 160, seed: int = 12345):
