@@ -248,6 +248,36 @@ def test_guard_keeps_the_previous_model_when_a_round_makes_it_worse(starter):
         assert torch.equal(v, kept[k]), k
 
 
+def test_a_harmful_round_stopped_by_the_user_is_judged_and_undone(starter):
+    """Stop in the middle of a round: the checks still run, so the weights the guard refuses
+    are not kept (before, a Stop skipped the checks and kept whatever the training had reached)."""
+    from napari_unet.runs import TrainRun
+
+    img, lab = make_realistic_nuclei((192, 192), radius=(7.0, 10.0), seed=8, touching=0.2)
+    seg = starter.copy()
+    for _ in seg.finetune(img, lab, steps=3, time_limit_s=None):  # objects held out: the guard
+        pass
+    wrong = np.roll(lab, 9, axis=1)  # every nucleus "corrected" 9 px aside, at a big lr
+    run = TrainRun(seg, img, wrong, steps=200, time_limit_s=None, lr=0.05)
+    saw: list[int] = []
+
+    def on_event(p):
+        saw.append(p.step)
+        if p.step == 12:
+            run.stop()
+
+    other, other_lab = make_realistic_nuclei((192, 192), radius=(7.0, 10.0), seed=9, touching=0.2)
+    before = instance_f1(seg.predict(other).labels, other_lab)
+    outcome = run.run(on_event)
+    assert outcome.stopped and outcome.last.step == 12 < 200
+    assert outcome.message.count("stopped by the user") == 1
+    # the checks' verdict is in the message and the history: what was kept, how it scored
+    assert "stopped by the user; kept" in outcome.message
+    assert seg.config["history"][-1]["stopped"].startswith("stopped by the user; kept")
+    # the raw weights of those 12 steps find no nucleus there (F1 0.0); what was kept does
+    assert instance_f1(seg.predict(other).labels, other_lab) >= before - 0.02
+
+
 def test_finetuned_model_does_not_keep_its_parents_scores(starter, tmp_path):
     img, lab = make_nuclei((96, 96), seed=1)
     seg = starter.copy()

@@ -132,21 +132,37 @@ def finetune(
         freeze_norm=plan.get("freeze_norm", False),
         replay_share=plan.get("replay_share", 0.3),
     )
+
+    def judged() -> str:
+        """The round's checks (:func:`_blend`, :func:`_keep_better`, :func:`_kept_bank`);
+        what they add to its ``reason``."""
+        seg._guard_bank = guard.items
+        if start_state is None:
+            return ""
+        # a share of the change (a quarter, less for a few objects), then judged
+        blended = _blend(seg.net, start_state, n_corr, guard, pp) if last.step else ""
+        said = _keep_better(seg.net, guard, before, start_state, pp, judge)
+        if "kept the previous" not in said:
+            said += _kept_bank(seg.net, held, seg.config.get("bank_reference"), start_state, pp)
+        return said if "kept the previous" in said else blended + said
+
     try:
         for last in gen:
             if last.done and guard is not None:
-                seg._guard_bank = guard.items
-                if start_state is not None:
-                    # a share of the change (a quarter, less for a few objects), then judged
-                    blended = _blend(seg.net, start_state, n_corr, guard, pp) if last.step else ""
-                    said = _keep_better(seg.net, guard, before, start_state, pp, judge)
-                    if "kept the previous" not in said:
-                        ref = seg.config.get("bank_reference")
-                        said += _kept_bank(seg.net, held, ref, start_state, pp)
-                    last.reason += said if "kept the previous" in said else blended + said
+                last.reason += judged()
             yield last
     finally:
         gen.close()
+        if last is not None and not last.done and last.step > 0 and guard is not None:
+            # stopped by the user (the generator closed at a yield): judged all the same, so
+            # a Stop never keeps weights the checks would have refused
+            try:
+                last.reason = "stopped by the user" + judged()
+            except Exception as e:  # noqa: BLE001 - a close must not raise: the old model back
+                kept = "kept the previous model" if start_state is not None else "not checked"
+                if start_state is not None:
+                    seg.net.load_state_dict(start_state)
+                last.reason = f"stopped by the user; {kept}: its checks failed ({e})"
         seg.net.eval().to("cpu")
         if last is not None:
             _record(seg.config, last, started, built.names, built.n_objects, lr, patch)

@@ -119,7 +119,8 @@ def user_message(exc: BaseException) -> str:
 def summary(last: TrainProgress, stopped: bool = False) -> str:
     """``"15 steps in 10.7 s (time limit reached); loss 1.0008, 11.3 patches/s, validation
     F1@0.5 0.837"``: what a training did, in the words of every front end."""
-    reason = "stopped by the user" if stopped else (last.reason or "done")
+    # a stopped round's reason, when it has one, is "stopped by the user" and its checks' verdict
+    reason = (last.reason or "stopped by the user") if stopped else (last.reason or "done")
     loss = "n/a" if last.loss is None or not math.isfinite(last.loss) else f"{last.loss:.4f}"
     text = (
         f"{last.step} steps in {last.seconds:.1f} s ({reason}); "
@@ -196,8 +197,8 @@ class TrainRun:
 
     # ---------------------------------------------------------------- control
     def stop(self) -> None:
-        """End the training at its next step (any thread); the model keeps that step and is
-        saved. A no-op once the run has ended."""
+        """End the training at its next step (any thread); the round's checks judge it as at
+        its end (what they keep is saved). A no-op once the run has ended."""
         self._stop.set()
         if self.status.state is RunState.TRAINING:
             self.status.state = RunState.STOPPING
