@@ -47,6 +47,28 @@ def test_normalize_constant_image_gives_zeros_without_warning():
     assert np.all(image == 300)
 
 
+@pytest.mark.parametrize("scale", [1e-7, 1e-12, 1e-40, 1e200])
+def test_images_in_tiny_or_huge_units_are_not_flat(scale):
+    """A float image whose values all lie under 1e-6 (small physical units) was made all
+    zeros by an absolute flatness limit; the range only has to be wide for its magnitude."""
+    image = np.array([[0.0, 1.0], [2.0, 4.0]]) * scale
+    out = normalize(image, *percentile_range(image, 0, 100))
+    np.testing.assert_allclose(out, [[0.0, 0.25], [0.5, 1.0]], rtol=1e-5)
+    assert np.all(normalize(np.full(3, 5e-9), 5e-9, 5e-9 * (1 + 1e-15)) == 0)  # still flat
+
+
+def test_a_float_image_in_small_units_is_segmented_as_the_same_image_in_counts():
+    import napari_unet as nu
+    from napari_unet.synthetic import make_realistic_nuclei
+
+    img, _ = make_realistic_nuclei((96, 96), seed=1)
+    seg = nu.Segmenter.pretrained("nuclei")
+    want = seg.predict(img).labels
+    assert want.max() > 5
+    for tiny in (img * 1e-9, (img * 1e-9).astype(np.float32)):  # before: no object at all
+        np.testing.assert_array_equal(seg.predict(tiny).labels, want)
+
+
 def test_percentile_range_numpy_matches_percentile_and_ignores_nan():
     rng = np.random.default_rng(0)
     image = rng.gamma(2.0, 100.0, size=(200, 300)).astype(np.float32)

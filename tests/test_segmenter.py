@@ -50,6 +50,12 @@ def test_dtypes_accepted_and_input_untouched(tiny, nuclei, dtype):
     assert np.array_equal(img, before)
 
 
+def test_nested_lists_predict_like_the_array(tiny, nuclei):
+    img = nuclei[0][:40, :48].astype(np.float32)
+    as_list = tiny.predict(img.tolist(), device="cpu")  # before: AttributeError ('list' ... shape)
+    np.testing.assert_array_equal(as_list.labels, tiny.predict(img, device="cpu").labels)
+
+
 def test_tiled_equals_whole(tiny, nuclei):
     img = nuclei[0]
     whole = tiny.predict(img, tile_shape=(96, 96)).probabilities

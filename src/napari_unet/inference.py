@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import _memory, data
+from .normalize import inverse_span
 from .scale import (
     NEAR,
     densest_window,
@@ -47,12 +48,14 @@ def _round_up(n: int, d: int) -> int:
 
 def _signal(canon: Any, lo: np.ndarray, hi: np.ndarray, t: int, z: int | None = None):
     """Normalised intensity, mean over channels, of frame ``t`` (Z, Y, X) or its slice ``z``."""
-    x = np.array(canon[t] if z is None else canon[t, z], np.float32)  # (Z,) C, Y, X; a copy
-    shape = [1] * x.ndim
+    inv = inverse_span(lo, hi)  # 0 for a flat channel
+    narrow = bool(np.all(inv < 1e30))  # else float32 would lose the values (under 1e-30)
+    x = np.array(canon[t] if z is None else canon[t, z], np.float32 if narrow else np.float64)
+    shape = [1] * x.ndim  # x: (Z,) C, Y, X; a copy
     shape[x.ndim - 3] = -1
     x -= lo.reshape(shape)
-    x /= np.maximum(hi - lo, 1e-6).reshape(shape)
-    return x.mean(axis=x.ndim - 3)
+    x *= inv.astype(x.dtype).reshape(shape)
+    return x.mean(axis=x.ndim - 3).astype(np.float32, copy=False)
 
 
 def _normalizer(lo: np.ndarray, hi: np.ndarray, channel_axis: int, ndim: int):
@@ -65,13 +68,14 @@ def _normalizer(lo: np.ndarray, hi: np.ndarray, channel_axis: int, ndim: int):
     shape = [1] * ndim
     shape[channel_axis] = -1
     lo64, hi64 = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
-    span = hi64 - lo64
-    scale64 = np.where(span > 1e-6, 1.0 / np.maximum(span, 1e-6), 0.0)
+    scale64 = inverse_span(lo64, hi64)  # 0 for a flat (constant) channel
     f32 = np.finfo(np.float32).max
     lo_b = np.clip(lo64, -f32, f32).astype(np.float32).reshape(shape)
-    scale_b = scale64.astype(np.float32).reshape(shape)
+    scale_b = np.clip(scale64, 0, f32).astype(np.float32).reshape(shape)
     lo_w, scale_w = lo64.reshape(shape), scale64.reshape(shape)
-    narrow_ok = bool(np.all(np.abs(lo64) < 1e30) and np.all(np.abs(hi64) < 1e30))
+    narrow_ok = bool(
+        np.all(np.abs(lo64) < 1e30) and np.all(np.abs(hi64) < 1e30) and np.all(scale64 < 1e30)
+    )
 
     def transform(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)

@@ -138,10 +138,26 @@ def percentile_range(
     return float(lo), float(hi)
 
 
+#: A range narrower than this fraction of its own magnitude is flat: a constant image, or one
+#: whose only variation is float64 rounding. (An absolute limit, 1e-6 before, made every image
+#: whose values all lie under 1e-6, a float image in small physical units, flat: no object.)
+FLAT = 1e-12
+
+
+def inverse_span(lo: Any, hi: Any) -> np.ndarray:
+    """``1 / (hi - lo)`` in float64, 0 where the range is flat (see :data:`FLAT`)."""
+    lo64, hi64 = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    span = hi64 - lo64
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        inv = 1.0 / span
+        ok = (span > FLAT * np.maximum(np.abs(lo64), np.abs(hi64))) & np.isfinite(inv)
+    return np.where(ok, inv, 0.0)
+
+
 def normalize(image: Any, lo: float, hi: float, out: np.ndarray | None = None) -> np.ndarray:
     """Map ``lo -> 0`` and ``hi -> 1`` as float32: ``(image - lo) / (hi - lo)``.
 
-    Values are not clipped.  If ``hi - lo < 1e-6`` (e.g. a constant image) the
+    Values are not clipped.  If the range is flat (:func:`inverse_span`: a constant image) the
     result is all zeros, without a division warning.  The input is never
     modified.  Lazy arrays are loaded with :func:`numpy.asarray`.
 
@@ -169,14 +185,22 @@ def normalize(image: Any, lo: float, hi: float, out: np.ndarray | None = None) -
         raise ValueError(
             f"out must be a float32 array of shape {arr.shape}, got {out.dtype} {out.shape}"
         )
-    span = hi - lo
-    if span < 1e-6:
+    inv = float(inverse_span(lo, hi))
+    if inv == 0.0:
         out[...] = 0.0
         return out
     if arr.dtype == np.bool_:
         arr = arr.view(np.uint8)
-    np.subtract(arr, np.float32(lo), out=out, dtype=np.float32, casting="unsafe")
-    out *= np.float32(1.0 / span)
+    if (
+        inv < 1e30
+        and max(abs(lo), abs(hi)) < 1e30
+        and (arr.dtype.kind not in "fc" or arr.itemsize <= 4)
+    ):
+        np.subtract(arr, np.float32(lo), out=out, dtype=np.float32, casting="unsafe")
+        out *= np.float32(inv)
+    else:  # a range float32 cannot hold: in float64, clipped as the prediction's normaliser
+        w = (arr.astype(np.float64) - lo) * inv
+        out[...] = np.clip(w, -1e6, 1e6, out=w)
     return out
 
 

@@ -428,6 +428,8 @@ class Segmenter:
     ) -> _Job:
         """Check the input and settle everything a prediction needs before its first tile."""
         image, axes = _stack_frames(image, axes)
+        if not hasattr(image, "shape") or not hasattr(image, "dtype"):  # nested lists
+            image = np.asarray(image)
         canon, axes = self._canonical(image, axes, channel)
         keep = [a for a in axes if a != "C"]
         out_shape = tuple(int(s) for a, s in zip(axes, image.shape, strict=True) if a != "C")
