@@ -191,6 +191,24 @@ def test_finetune_bad_input(nuclei):
         next(sem.finetune(img, lab, steps=1))
 
 
+def test_finetune_takes_labels_with_huge_ids(nuclei):
+    """Object ids such as 2**40 (other tools' label images): before, a MemoryError from a
+    per-id table; the same objects as numbered 1..N, and the input untouched."""
+    img, lab = nuclei
+    huge = lab.astype(np.uint64) * np.uint64(2**40)
+    before = huge.copy()
+    runs = []
+    for labels in (lab, huge):
+        seg = nu.Segmenter.new(base_channels=4, depth=2, seed=0)
+        runs.append(list(seg.finetune(img, labels, steps=2, time_limit_s=None, seed=0))[-1])
+        runs[-1] = (seg.config["history"][-1]["objects"], runs[-1].loss)
+    assert runs[0] == runs[1] and runs[0][0] == lab.max()
+    np.testing.assert_array_equal(huge, before)
+    with pytest.raises(ValueError, match="class id"):  # class ids are not renumbered
+        sem = nu.Segmenter.new("semantic", num_classes=2, base_channels=4, depth=2)
+        next(sem.finetune(img, (lab > 0) * 2**40, steps=1))
+
+
 def test_finetune_changes_weights_records_history_and_leaves_input(nuclei):
     img, lab = nuclei
     img0, lab0 = img.copy(), lab.copy()

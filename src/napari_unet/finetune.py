@@ -46,7 +46,7 @@ from .safeguard import (
 )
 from .scale import resize_image, resize_labels, zoomed_shape
 from .segmenter import _as_list, _normalizer, _now, _round_up, resolve_device
-from .targets import IGNORE, instance_targets, semantic_targets
+from .targets import IGNORE, compact_labels, instance_targets, semantic_targets
 from .training import TrainProgress, TrainSample, train
 
 if TYPE_CHECKING:
@@ -293,6 +293,8 @@ class _Samples:
                 f"image {i} has spatial shape {spatial} (axes {ax!r}) but its labels have "
                 f"shape {lab.shape}; they must match pixel for pixel"
             )
+        if seg.task == "instance":  # huge ids (2**40 ...) numbered 1..N; class ids stay
+            lab = compact_labels(lab)
         keep = "".join(a for a in ax if a != "C")
         lab_c = data.to_canonical(lab, keep, "TZYX")
         msk_c = None if msk is None else _canonical_mask(i, np.asarray(msk), spatial, keep)

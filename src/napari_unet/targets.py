@@ -22,6 +22,7 @@ __all__ = [
     "instance_targets",
     "semantic_targets",
     "check_labels",
+    "compact_labels",
 ]
 
 BACKGROUND, INTERIOR, BOUNDARY, IGNORE = 0, 1, 2, -1
@@ -43,6 +44,23 @@ def check_labels(labels: np.ndarray, name: str = "labels") -> np.ndarray:
     if labels.size and labels.min() < 0:
         raise ValueError(f"{name} contain negative values; label ids must be >= 0")
     return labels
+
+
+def compact_labels(labels: np.ndarray) -> np.ndarray:
+    """``labels`` with ids ``1..N`` when its largest id is more than it has pixels (or more than
+    int32 holds): label images from other tools may number objects with huge ids (2**40 ...),
+    and per-id tables (bincount, ``ndimage.sum_labels``) would need memory for every id. The
+    objects, and which pixels form each, are unchanged; otherwise ``labels`` is returned as is.
+    """
+    labels = check_labels(labels)
+    top = int(labels.max()) if labels.size else 0
+    if top <= min(labels.size, np.iinfo(np.int32).max):
+        return labels
+    ids, inverse = np.unique(labels, return_inverse=True)
+    out = inverse.reshape(labels.shape).astype(np.int32)
+    if ids[0] != 0:  # no background pixel: ids start at 1
+        out += 1
+    return out
 
 
 def _boundaries(labels: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
