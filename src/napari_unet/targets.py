@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .synthetic_render import relabel_sequential
+
 __all__ = [
     "BACKGROUND",
     "INTERIOR",
@@ -56,11 +58,7 @@ def compact_labels(labels: np.ndarray) -> np.ndarray:
     top = int(labels.max()) if labels.size else 0
     if top <= min(labels.size, np.iinfo(np.int32).max):
         return labels
-    ids, inverse = np.unique(labels, return_inverse=True)
-    out = inverse.reshape(labels.shape).astype(np.int32)
-    if ids[0] != 0:  # no background pixel: ids start at 1
-        out += 1
-    return out
+    return relabel_sequential(labels)[0].astype(np.int32)
 
 
 def _boundaries(labels: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
