@@ -252,17 +252,46 @@ def test_volume_size_estimate_is_divided_by_the_volume_size_bias():
     assert seg.predict(img[20]).diameter == pytest.approx(plane.diameter, rel=1e-6)
 
 
-def test_h_maxima_piece_by_piece_equals_the_whole_volume():
-    """The 3D assembly's peaks, found one core piece at a time, are the whole volume's."""
+def test_distances_and_h_maxima_piece_by_piece_equal_the_whole_volume():
+    """The 3D assembly's distance map and peaks, found one core piece at a time in its box,
+    are the whole volume's (cores touching the volume's faces included)."""
     from scipy import ndimage
     from skimage.morphology import h_maxima
 
-    from napari_unet.postprocess3d import _h_maxima_by_piece
+    from napari_unet.postprocess3d import _edt_by_piece, _h_maxima_by_piece, _pieces
 
     _, lab = make_nuclei_3d((24, 64, 64), anisotropy=2.0, radius=(4.0, 9.0), seed=3)
     core = ndimage.binary_erosion(lab > 0, iterations=1)
-    dist = ndimage.distance_transform_edt(core, sampling=(2.0, 1.0, 1.0))
+    core[:, :3] |= lab[:, :3] > 0  # pieces cut by a face of the volume
+    spacing = (2.0, 1.0, 1.0)
+    dist = ndimage.distance_transform_edt(core, sampling=spacing)
+    pieces, items = _pieces(core)
+    assert len(items) > 5
+    np.testing.assert_array_equal(_edt_by_piece(pieces, items, spacing), dist)
     for h in (0.5, 1.5, 3.0):
         whole = h_maxima(dist, h)
         assert whole.any()
-        np.testing.assert_array_equal(_h_maxima_by_piece(dist, core, h), whole)
+        np.testing.assert_array_equal(_h_maxima_by_piece(dist, pieces, items, h), whole)
+
+
+def test_watershed_by_component_equals_the_whole_volume():
+    """Growing the 3D seeds only in the pieces of foreground shared by several of them gives
+    skimage's watershed over the whole volume, voxel for voxel."""
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    from napari_unet.postprocess3d import _watershed_by_component
+
+    vol, lab = make_nuclei_3d((24, 64, 64), anisotropy=2.0, radius=(4.0, 9.0), seed=5)
+    rng = np.random.default_rng(0)
+    mask = ndimage.binary_dilation(lab > 0) | (rng.random(lab.shape) < 0.02)  # stray bits
+    # no two voxels at the same height: skimage breaks ties among its markers by the layout
+    # of its heap, which differs between a box and the whole volume (equally valid floods)
+    elevation = rng.random(lab.shape) - ndimage.distance_transform_edt(lab > 0)
+    markers, n = ndimage.label(ndimage.binary_erosion(lab > 0, iterations=2))
+    assert n > 5
+    markers[0, 0, 0] = markers.max() + 1  # one marker on a stray bit or alone
+    mask[0, 0, 0] = True
+    out = np.full(lab.shape, 7, np.int32)
+    _watershed_by_component(elevation, markers, mask, out)
+    np.testing.assert_array_equal(out, watershed(elevation, markers=markers, mask=mask))

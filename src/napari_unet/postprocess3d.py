@@ -356,20 +356,23 @@ def instances_3d_from_stack(
     cores, _ = ndimage.label(core)
     _drop_small(cores, int(np.ceil(min_seed_size / vox)))
     core = cores > 0
-    dist = ndimage.distance_transform_edt(core, sampling=sp)  # float64: h_maxima needs it
+    pieces, items = _pieces(core)
+    dist = _edt_by_piece(pieces, items, sp)  # float64: h_maxima needs it
     if h is None:  # a fraction of the typical core radius: the same rule at every object size
         n_cores = int(cores.max())
         radii = largest_per_label(dist, cores, n_cores) if n_cores else [0.0]
         h = float(np.clip(h_fraction * np.median(radii), 1.0, None))
     del cores
-    peaks = _h_maxima_by_piece(dist, core, float(h)) if h > 0 else core
+    peaks = _h_maxima_by_piece(dist, pieces, items, float(h)) if h > 0 else core
+    del pieces
     markers, n = ndimage.label(peaks, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return labels
     elevation = 1.0 - interior
     elevation[core] = -dist[core]
-    labels[...] = watershed(elevation, markers=markers, mask=fg_mask)
-    del elevation, dist, interior
+    del dist, interior
+    _watershed_by_component(elevation, markers, fg_mask, labels)
+    del elevation
     merge_stacked(labels, contact)
     if valley > 0 or trim > 0:
         split_by_z_profile(labels, image, valley=valley, trim=trim)
@@ -377,9 +380,44 @@ def instances_3d_from_stack(
     return _drop_small(labels, int(np.ceil(min_size / vox)))
 
 
-def _h_maxima_by_piece(dist: np.ndarray, core: np.ndarray, h: float) -> np.ndarray:
-    """:func:`skimage.morphology.h_maxima` of ``dist`` (0 outside ``core``, > 0 inside), one
-    piece of ``core`` at a time in its bounding box (one voxel of margin).
+def _pieces(core: np.ndarray) -> tuple[np.ndarray, list]:
+    """The pieces of ``core`` connected by faces, edges or corners (the footprint of the
+    h-maxima's reconstruction), and ``(id, bounding box with one voxel of margin)`` of each."""
+    full = np.ones((3,) * core.ndim, bool)
+    pieces, _ = ndimage.label(core, structure=full)
+    items = [
+        (i, tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl))
+        for i, sl in enumerate(ndimage.find_objects(pieces), 1)
+        if sl is not None
+    ]
+    return pieces, items
+
+
+def _edt_by_piece(pieces: np.ndarray, items: list, sampling) -> np.ndarray:
+    """:func:`scipy.ndimage.distance_transform_edt` of ``pieces > 0``, one piece at a time in
+    its bounding box (one voxel of margin), 0 outside the pieces.
+
+    The same distances as over the whole volume: from a voxel of a piece, the nearest voxel
+    outside it lies in the box (the box's margin is outside the piece, and any voxel in the
+    axis-aligned box between two voxels is no farther from the first than the second), and
+    a voxel of another piece in the box is never nearer than a zero (pieces touch only through
+    zeros). Over the whole volume the transform also measures every background voxel
+    (64x512x512 under cProfile: 5.6 s; piece by piece 0.8 s).
+    """
+    dist = np.zeros(pieces.shape, np.float64)
+
+    def one(item) -> None:
+        i, box = item
+        own = pieces[box] == i
+        dist[box][own] = ndimage.distance_transform_edt(own, sampling=sampling)[own]
+
+    _each(one, items, _threads_for(pieces.size))
+    return dist
+
+
+def _h_maxima_by_piece(dist: np.ndarray, pieces: np.ndarray, items: list, h: float) -> np.ndarray:
+    """:func:`skimage.morphology.h_maxima` of ``dist`` (0 outside the pieces, > 0 inside),
+    one piece of :func:`_pieces` at a time in its bounding box.
 
     The same maxima as over the whole volume: pieces touch only through zeros, and the
     reconstruction cannot carry a value above 0 across them, so each piece's maxima depend on
@@ -387,13 +425,10 @@ def _h_maxima_by_piece(dist: np.ndarray, core: np.ndarray, h: float) -> np.ndarr
     cProfile: 18.0 s of a 35.5 s assembly; 5.9 s piece by piece); the pieces hold a fraction
     of the voxels.
     """
-    full = np.ones((3,) * core.ndim, bool)  # the reconstruction's own footprint
-    pieces, _ = ndimage.label(core, structure=full)
-    peaks = np.zeros(core.shape, np.uint8)
+    peaks = np.zeros(pieces.shape, np.uint8)
 
     def one(item) -> None:
-        i, sl = item
-        box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        i, box = item
         own = pieces[box] == i
         d = np.where(own, dist[box], 0.0)
         if d.max() < h:
@@ -401,9 +436,47 @@ def _h_maxima_by_piece(dist: np.ndarray, core: np.ndarray, h: float) -> np.ndarr
         found = (h_maxima(d, h) > 0) & own
         peaks[box][found] = 1  # only this piece's voxels: threads never write the same ones
 
-    items = [(i, sl) for i, sl in enumerate(ndimage.find_objects(pieces), 1) if sl is not None]
-    _each(one, items, _threads_for(core.size))
+    _each(one, items, _threads_for(pieces.size))
     return peaks
+
+
+def _watershed_by_component(
+    elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray, out: np.ndarray
+) -> None:
+    """``out[...] = skimage.segmentation.watershed(elevation, markers, mask=mask)``, flooded
+    only where it has to be.
+
+    A piece of ``mask`` (connected by faces, the watershed's neighbourhood) that holds no
+    marker stays 0, one that holds a single marker's voxels becomes that marker whole, and only
+    pieces shared by several markers are flooded, each in its bounding box. The result is the
+    same: water cannot leave a piece, and within a box the voxels keep their relative order, so
+    ties are broken as over the whole volume.
+    """
+    comp, n = ndimage.label(mask)
+    out[...] = 0
+    if n == 0:
+        return
+    at = markers > 0
+    pairs = np.unique(comp[at].astype(np.int64) * (int(markers.max()) + 1) + markers[at])
+    pc, pm = np.divmod(pairs, int(markers.max()) + 1)
+    pc, pm = pc[pc > 0], pm[pc > 0]
+    per = np.bincount(pc, minlength=n + 1)
+    only = np.zeros(n + 1, np.int32)
+    one_marker = per[pc] == 1
+    only[pc[one_marker]] = pm[one_marker]
+    out[...] = only[comp]
+    shared = np.flatnonzero(per >= 2)
+    if shared.size == 0:
+        return
+    boxes = ndimage.find_objects(comp)
+
+    def one(c: int) -> None:
+        box = boxes[c - 1]
+        own = comp[box] == c
+        ws = watershed(elevation[box], markers=np.where(own, markers[box], 0), mask=own)
+        out[box][own] = ws[own]
+
+    _each(one, shared.tolist(), _threads_for(mask.size))
 
 
 class SliceLinker:
