@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -133,7 +135,19 @@ def test_classes_argmax():
 
 
 # ---------------------------------------------------------------- fast flooding (issue 13)
-def test_flood_splits_touching_nuclei_at_the_valley_like_skimage():
+@pytest.fixture(params=["numba", "numpy"])
+def flood_version(request, monkeypatch):
+    """Runs a test with the compiled flood (skipped without numba) and the numpy one."""
+    import napari_unet.postprocess as pp
+
+    if request.param == "numba":
+        pytest.importorskip("numba")
+        assert pp._compiled_flood() is not None
+    monkeypatch.setattr(pp, "USE_NUMBA", request.param == "numba")
+    return request.param
+
+
+def test_flood_splits_touching_nuclei_at_the_valley_like_skimage(flood_version):
     from skimage.segmentation import watershed
 
     from napari_unet.postprocess import flood
@@ -157,7 +171,7 @@ def test_flood_splits_touching_nuclei_at_the_valley_like_skimage():
     assert (got[:, :40] == 2).sum() == 0 and (got[:, 56:] == 1).sum() == 0
 
 
-def test_flood_works_in_3d():
+def test_flood_works_in_3d(flood_version):
     from napari_unet.postprocess import flood
 
     markers = np.zeros((8, 16, 16), np.int32)
@@ -168,7 +182,7 @@ def test_flood_works_in_3d():
     assert (got[:4] == 1).all() and (got[5:] == 2).all()
 
 
-def test_noise_probabilities_post_process_fast_and_every_object_grows_from_a_seed():
+def test_noise_probabilities_post_process_fast_and_every_object_grows_from_a_seed(flood_version):
     """Most of the image to flood (noise-like predictions): the fast path takes it."""
     import time
 
@@ -189,3 +203,80 @@ def test_noise_probabilities_post_process_fast_and_every_object_grows_from_a_see
     assert (labels[~fg] == 0).all()
     ids = np.arange(1, labels.max() + 1)
     assert (ndimage.maximum(prob[1], labels, ids) > 0.5).all()  # each holds a seed pixel
+
+
+def _noise_probabilities(n: int, seed: int = 0) -> np.ndarray:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    logits = ndimage.gaussian_filter(rng.normal(size=(3, n, n)).astype(np.float32), (0, 2, 2))
+    logits *= 6
+    return np.exp(logits) / np.exp(logits).sum(0)
+
+
+def test_compiled_flood_finds_the_objects_of_the_numpy_flood(monkeypatch):
+    """numba's flood and the numpy one: the same objects on a real DSB2018 image (every strip
+    flooded) and on noise, where nearly every pixel is flooded and ties abound."""
+    pytest.importorskip("numba")
+    import tifffile
+
+    import napari_unet.postprocess as pp
+    from napari_unet import Segmenter
+
+    data = Path(__file__).parent / "data"
+    image = tifffile.imread(data / "dsb2018_df9a4212ecb67bb4.tif")
+    truth = tifffile.imread(data / "dsb2018_df9a4212ecb67bb4_masks.tif")
+    monkeypatch.setattr(pp, "SMALL_FLOOD", 0)  # the flood even where skimage would take it
+    seg = Segmenter.pretrained("nuclei")
+    got = {}
+    for version in (True, False):
+        monkeypatch.setattr(pp, "USE_NUMBA", version)
+        got[version] = seg.predict(image, engine="torch").labels
+    assert got[True].max() > 20
+    assert instance_f1(got[True], got[False]) == 1.0
+    assert instance_f1(got[True], truth) == instance_f1(got[False], truth) > 0.9
+
+    prob = _noise_probabilities(400)
+    monkeypatch.setattr(pp, "USE_NUMBA", True)
+    fast = instances_from_probabilities(prob, seed_threshold=0.5)
+    monkeypatch.setattr(pp, "USE_NUMBA", False)
+    slow = instances_from_probabilities(prob, seed_threshold=0.5)
+    assert slow.max() > 100
+    assert abs(int(fast.max()) - int(slow.max())) <= 0.01 * slow.max()
+    assert instance_f1(fast, slow) > 0.98
+    assert np.array_equal(fast > 0, slow > 0)  # the same foreground, only ties differ
+
+
+def test_flood_without_numba_or_with_a_broken_numba_runs_the_numpy_version(monkeypatch):
+    """numba missing: the numpy flood, silently; numba that cannot compile: the numpy flood
+    and one warning that says so. The objects are right either way."""
+    import sys
+    import types
+
+    import napari_unet.postprocess as pp
+
+    markers = np.zeros((8, 16, 16), np.int32)
+    markers[1, 8, 8], markers[6, 8, 8] = 1, 2
+    elevation = np.zeros(markers.shape)
+    elevation[4] = 0.9
+
+    def right(got):
+        assert (got[:4] == 1).all() and (got[5:] == 2).all()
+
+    monkeypatch.setattr(pp, "USE_NUMBA", True)
+    monkeypatch.setattr(pp, "_kernel", [])
+    monkeypatch.setitem(sys.modules, "napari_unet._flood_jit", None)  # import fails
+    assert pp._compiled_flood() is None
+    right(pp.flood(elevation, markers, markers == 0))
+
+    broken = types.ModuleType("napari_unet._flood_jit")
+
+    def flood_flat(*args):
+        raise TypeError("No matching definition for argument type(s)")
+
+    broken.flood_flat = flood_flat
+    monkeypatch.setattr(pp, "_kernel", [])
+    monkeypatch.setitem(sys.modules, "napari_unet._flood_jit", broken)
+    with pytest.warns(RuntimeWarning, match="numba could not compile the watershed"):
+        right(pp.flood(elevation, markers, markers == 0))
+    right(pp.flood(elevation, markers, markers == 0))  # warned once, still right

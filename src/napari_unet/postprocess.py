@@ -11,6 +11,8 @@ strip border keep one id.
 
 from __future__ import annotations
 
+import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -254,22 +256,33 @@ def flood(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.nd
     first as the water rises over ``elevation`` (0..1), neighbours by faces (4 in 2D, 6 in 3D).
 
     A priority flood on :data:`LEVELS` quantised levels: at each level a breadth-first front
-    moves from the labelled pixels into the unlabelled ``mask`` pixels up to that level, as
-    whole numpy arrays of pixel indices (no per-pixel Python). Mask pixels no marker reaches stay
-    0. Several times faster than :func:`skimage.segmentation.watershed` where most of the image
-    is to flood (noise-like predictions), with the same objects (measured on real images in
-    ``docs/benchmarks.md``). Returns the labels (markers included) as a new array.
+    moves from the labelled pixels into the unlabelled ``mask`` pixels up to that level. Mask
+    pixels no marker reaches stay 0. Compiled by numba when it is installed (the ``[all]``
+    extra; :mod:`napari_unet._flood_jit`), else as whole numpy arrays of pixel indices (no
+    per-pixel Python); both are several times faster than
+    :func:`skimage.segmentation.watershed` where most of the image is to flood (noise-like
+    predictions), with the same objects (measured on real images in ``docs/benchmarks.md``).
+    Returns the labels (markers included) as a new array.
     """
     shape = markers.shape
     pad = [(1, 1)] * markers.ndim
     lab = np.pad(markers.astype(np.int32, copy=False), pad).reshape(-1)
     todo = np.pad(mask & (markers == 0), pad).reshape(-1)
-    lev = np.pad(
-        np.clip(elevation * LEVELS, 0, LEVELS - 1).astype(np.uint8), pad
-    ).reshape(-1)
+    lev = np.pad(np.clip(elevation * LEVELS, 0, LEVELS - 1).astype(np.uint8), pad).reshape(-1)
     dims = tuple(s + 2 for s in shape)
     strides = np.cumprod((1,) + dims[::-1][:-1])[::-1]
     offsets = np.concatenate([strides, -strides]).astype(np.int64)
+    kernel = _compiled_flood()
+    if kernel is not None:
+        kernel(lab, todo, lev, offsets, LEVELS)
+    else:
+        _flood_numpy(lab, todo, lev, offsets)
+    return lab.reshape(dims)[tuple(slice(1, -1) for _ in shape)].copy()
+
+
+def _flood_numpy(lab: np.ndarray, todo: np.ndarray, lev: np.ndarray, offsets: np.ndarray) -> None:
+    """:func:`flood` without numba, in place on its padded flat arrays: at each level a
+    breadth-first front of whole numpy arrays of pixel indices (no per-pixel Python)."""
     buckets: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(LEVELS)]
     front = np.flatnonzero(lab)
     for k in range(LEVELS):
@@ -305,7 +318,43 @@ def flood(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.nd
                 todo[nb] = False
                 reached.append(nb)
             front = np.unique(np.concatenate(reached)) if reached else np.empty(0, np.int64)
-    return lab.reshape(dims)[tuple(slice(1, -1) for _ in shape)].copy()
+
+
+#: False: :func:`flood` always runs its numpy version (set by tests; numba missing or broken
+#: sets it too).
+USE_NUMBA = True
+_kernel_lock = threading.Lock()
+_kernel: list = []  # [the compiled kernel or None], once looked for
+
+
+def _compiled_flood():
+    """numba's compiled :func:`flood` kernel, or None (numba not installed, or it failed to
+    compile: then a ``RuntimeWarning`` says so once and the numpy version runs)."""
+    if not USE_NUMBA:
+        return None
+    with _kernel_lock:
+        if not _kernel:
+            try:
+                from ._flood_jit import flood_flat
+
+                # compile (or load from numba's cache) now, on a tiny image, not mid-strip
+                lab = np.array([0, 1, 0, 0], np.int32)
+                todo = np.array([False, False, True, False])
+                flood_flat(lab, todo, np.zeros(4, np.uint8), np.array([1, -1], np.int64), LEVELS)
+                if lab[2] != 1:
+                    raise RuntimeError("the compiled flood gave a wrong result")
+                _kernel.append(flood_flat)
+            except ImportError:
+                _kernel.append(None)
+            except Exception as e:  # a numba/numpy mismatch: slower, never wrong
+                warnings.warn(
+                    f"napari-unet: numba could not compile the watershed ({e}); "
+                    "using the slower numpy version",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                _kernel.append(None)
+        return _kernel[0]
 
 
 def classes_from_probabilities(probabilities: np.ndarray, strip: int = 1024) -> np.ndarray:
