@@ -15,6 +15,14 @@ instead scores nuclei far from the trained size: every image and its labels resi
 factor, predicted with default settings and scored at that size (F1 at IoU 0.5, pooled), with
 the size estimate's look at half size (``inference._Sizer._coarse_look``) off and on. Scored on
 the last 7 images by name (``--first`` adds the first 6, the starter's training images).
+
+    python benchmarks/bench_sizing.py ../shared/data/real/dsb2018-stage1-fluo \
+        --factors 0.7,1.5,2.5 --tiled-to 1500
+
+resizes every image (all 13) by each factor and repeats it to at least 1500x1500 px (big
+images: the first pass can stop early), then predicts each with the size measured on the
+first pass's first rows (as shipped, ``inference.EARLY_PIXELS``) and on the whole first pass,
+one after the other: zoom, F1 and seconds of both, pooled F1 and total time.
 """
 
 from __future__ import annotations
@@ -89,13 +97,81 @@ def factors(folder: str, values: list[float], first: bool) -> None:
     print(f"load after: {load1():.2f}")
 
 
+def _tiled(img: np.ndarray, lab: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` repeated to at least ``side`` x ``side``, each copy's labels with ids of its own."""
+    reps = (-(-side // img.shape[0]), -(-side // img.shape[1]))
+    n = int(lab.max()) + 1
+    copies = [
+        [np.where(lab > 0, lab + n * (i * reps[1] + j), 0) for j in range(reps[1])]
+        for i in range(reps[0])
+    ]
+    return np.tile(img, reps), np.block(copies).astype(np.int32)
+
+
+def first_rows(folder: str, values: list[float], side: int) -> None:
+    """Big images (every image resized by each factor, then repeated to ``side`` px or more)
+    predicted with the first pass measured on its first rows (``inference.EARLY_PIXELS``, as
+    shipped) and on the whole first pass, one after the other in this process."""
+    names = sorted(os.listdir(os.path.join(folder, "images")))
+    seg = nu.Segmenter.pretrained("nuclei")
+    shipped = inference.EARLY_PIXELS
+    print(machine_line())
+    print(f"load before: {load1():.2f}")
+    print("| image | factor | shape | zoom rows / whole | F1 rows / whole | s rows / whole |")
+    print("|---|---|---|---|---|---|")
+    sums = {True: [0, 0, 0, 0.0], False: [0, 0, 0, 0.0]}
+    seg.predict(np.zeros((64, 64), np.float32))  # warm-up
+    for n in names:
+        img = tifffile.imread(os.path.join(folder, "images", n)).astype(np.float32)
+        lab = tifffile.imread(os.path.join(folder, "masks", n)).astype(np.int32)
+        for f in values:
+            shape = zoomed_shape(lab.shape, f)
+            big, truth = _tiled(resize_image(img, shape), resize_labels(lab, shape), side)
+            cells = {}
+            for early in (True, False):
+                inference.EARLY_PIXELS = shipped if early else 1 << 62
+                try:
+                    t0 = time.perf_counter()
+                    pred = seg.predict(big)
+                    dt = time.perf_counter() - t0
+                finally:
+                    inference.EARLY_PIXELS = shipped
+                m = match_instances(pred.labels, truth, 0.5)
+                acc = sums[early]
+                acc[0], acc[1], acc[2], acc[3] = (
+                    acc[0] + m.tp,
+                    acc[1] + m.fp,
+                    acc[2] + m.fn,
+                    acc[3] + dt,
+                )
+                cells[early] = (pred.zoom, m.f1, dt)
+            (za, fa, ta), (zb, fb, tb) = cells[True], cells[False]
+            print(
+                f"| {n[:4]} | {f:g}x | {big.shape[0]}x{big.shape[1]} | {za:.2f} / {zb:.2f} "
+                f"| {fa:.3f} / {fb:.3f} | {ta:.2f} / {tb:.2f} |",
+                flush=True,
+            )
+    (tp, fp, fn, ta), (tq, fq, fnq, tb) = sums[True], sums[False]
+    f1a, f1b = 2 * tp / max(2 * tp + fp + fn, 1), 2 * tq / max(2 * tq + fq + fnq, 1)
+    print(f"| all, pooled | | | | {f1a:.4f} / {f1b:.4f} | {ta:.1f} / {tb:.1f} ({ta / tb:.2f}x) |")
+    print(f"load after: {load1():.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("folder")
     ap.add_argument("--factors", default=None, help="e.g. 0.4,1,3: score resized images instead")
     ap.add_argument("--first", action="store_true", help="also score the first 6 images")
+    ap.add_argument(
+        "--tiled-to", type=int, default=None,
+        help="with --factors: images repeated to this many px, first rows against whole pass",
+    )  # fmt: skip
     args = ap.parse_args()
     folder = args.folder
+    if args.factors and args.tiled_to:
+        torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+        first_rows(folder, [float(v) for v in args.factors.split(",")], args.tiled_to)
+        return
     if args.factors:
         torch.set_num_threads(int(os.environ.get("THREADS", "2")))
         factors(folder, [float(v) for v in args.factors.split(",")], args.first)

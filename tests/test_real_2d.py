@@ -436,3 +436,38 @@ def test_an_unguarded_round_measures_the_size_bias_again(starter):
     after = seg.config["size_bias"]
     assert after == pytest.approx(size_bias(seg), abs=1e-6)
     assert after > before + 0.05, (before, after)
+
+
+def test_a_big_image_to_resize_is_measured_on_its_first_rows_and_not_predicted_twice(
+    starter, monkeypatch
+):
+    """Nuclei twice the trained size in a 1.2-Mpx image: the first pass stops once its first
+    rows (half a megapixel, final) say "resize", so fewer tiles go through the network than
+    with the whole first pass, and the objects are as good."""
+    from napari_unet import inference
+
+    img, lab = make_realistic_nuclei((1120, 1120), seed=7, radius=(15.0, 22.0))
+    tiles = []
+    original = nu.Segmenter._predictor
+
+    def counting(self, *args, **kwargs):
+        fn = original(self, *args, **kwargs)
+
+        def run(batch):
+            tiles.append(batch.shape[0] * int(np.prod(batch.shape[2:])))
+            return fn(batch)
+
+        run.engine = getattr(fn, "engine", "torch")
+        return run
+
+    monkeypatch.setattr(nu.Segmenter, "_predictor", counting)
+    results = {}
+    for early in (True, False):
+        monkeypatch.setattr(inference, "EARLY_PIXELS", 1 << 19 if early else 1 << 40)
+        tiles.clear()
+        p = starter.predict(img, engine="torch")
+        results[early] = (sum(tiles), p.zoom, instance_f1(p.labels, lab))
+    (px_early, zoom_early, f1_early), (px_whole, zoom_whole, f1_whole) = results.values()
+    assert zoom_whole < 0.8 and zoom_early == pytest.approx(zoom_whole, rel=0.1)
+    assert px_early < 0.75 * px_whole  # pixels through the network
+    assert f1_early >= f1_whole - 0.02 and f1_early > 0.8

@@ -34,7 +34,7 @@ from .scale import (
     resize_image,
     zoomed_shape,
 )
-from .tiling import BlockCache, chunk_shape, plan_tiles, tiled_inference
+from .tiling import BlockCache, _plan, chunk_shape, plan_tiles, tiled_inference
 
 if TYPE_CHECKING:
     from .segmenter import Segmenter
@@ -189,11 +189,24 @@ class _Sizer:
             return
         if not self.decided:
             # first pass at the native size; its foreground tells the objects' size
-            for d in run.tiles(src, out, transform, spatial):
+            fg = None
+            look = math.prod(spatial) >= 2 * EARLY_PIXELS
+            gen = run.tiles(src, out, transform, spatial)
+            for d in gen:
                 yield 0.5 * d
+                rows = _final_rows(run, spatial, d) if look else 0
+                if rows * spatial[1] >= EARLY_PIXELS:
+                    look = False  # one look, at the first rows no tile will change again
+                    early = out[0, :rows] < 0.5
+                    measured = self._measured(early)
+                    if measured and rescale_factor(measured, self.model_d) != 1.0:
+                        gen.close()  # to be resized: the rest of this pass would be thrown away
+                        fg, self.diameter = early, measured
+                        break
             self.decided = True
-            fg = out[0] < 0.5
-            self.diameter = self._measured(fg)
+            if fg is None:
+                fg = out[0] < 0.5
+                self.diameter = self._measured(fg)
             bigger = self._coarse_look(run, src, fg, out.shape[0], transform)
             del fg
             if bigger is not None:
@@ -224,6 +237,20 @@ class _Sizer:
                 yield from self.tiles(run, src, out, transform, spatial)
                 return
         out[...] = resize_image(buf, spatial)
+
+
+#: A first pass over an image of at least twice this many pixels measures the objects once its
+#: first rows of at least this many pixels are final; when they call for a resize, the rest of
+#: the pass is not predicted (see :func:`_final_rows`).
+EARLY_PIXELS = 1 << 19
+
+
+def _final_rows(run: _Run, spatial: Sequence[int], done: float) -> int:
+    """The rows of a plane's output that no tile changes any more once the fraction ``done``
+    of its tiles is predicted (the tiles run row of tiles after row of tiles)."""
+    ys, xs = _plan(spatial, run.tile_for(spatial), run.overlap(spatial), run.div)
+    full = round(done * len(ys.starts) * len(xs.starts)) // len(xs.starts)
+    return spatial[0] if full >= len(ys.starts) else ys.starts[full]
 
 
 #: The half-size look (:meth:`_Sizer._coarse_look`) takes over when it measures objects this
