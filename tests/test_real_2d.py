@@ -471,3 +471,23 @@ def test_a_big_image_to_resize_is_measured_on_its_first_rows_and_not_predicted_t
     assert zoom_whole < 0.8 and zoom_early == pytest.approx(zoom_whole, rel=0.1)
     assert px_early < 0.75 * px_whole  # pixels through the network
     assert f1_early >= f1_whole - 0.02 and f1_early > 0.8
+
+
+def test_nuclei_measured_small_on_the_first_rows_get_the_whole_first_pass(starter, monkeypatch):
+    """Small on the first rows may be pieces of nuclei far bigger than the trained size (DSB2018
+    ad9d enlarged 3x measured 9.8 px there and was enlarged 1.85x: F1 0.0): only a shrink is
+    decided early; otherwise the whole first pass is measured, and looked at half size."""
+    from napari_unet import inference
+
+    img, _ = make_realistic_nuclei((1120, 1120), seed=7, radius=(6.0, 9.0))
+    seen = []
+
+    def measured(self, foreground):
+        seen.append(foreground.shape)
+        return 9.0  # pieces (or small nuclei): an enlargement
+
+    monkeypatch.setattr(inference._Sizer, "_measured", measured)
+    pred = starter.predict(img, engine="torch")
+    assert seen[0][0] < 1120 and seen[0][1] == 1120  # the first rows were measured
+    assert seen[1] == (1120, 1120)  # then the whole first pass
+    assert pred.zoom > 1.5
