@@ -14,7 +14,20 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+def _compiled(**options):
+    """numba's ``njit`` with its on-disk cache, or without it where numba finds no writable
+    place for the cache (a read-only install and home): compiled again at every start then."""
+
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(nogil=True, **options)(fn)
+
+    return wrap
+
+
+@_compiled(inline="always")
 def _visit(p, lab, todo, lev, offsets, k, fifo, w, store, fill):
     v = lab[p]
     for j in range(offsets.size):
@@ -32,7 +45,7 @@ def _visit(p, lab, todo, lev, offsets, k, fifo, w, store, fill):
     return w
 
 
-@numba.njit(cache=True, nogil=True)
+@_compiled()
 def flood_flat(lab, todo, lev, offsets, levels):
     """Flood in place: ``lab`` (int32, flat, 0 = to label), ``todo`` (bool, flat: the pixels
     that may be labelled), ``lev`` (uint8 levels ``< levels``), ``offsets`` (int64, the flat
