@@ -49,8 +49,8 @@ def _visit(p, lab, todo, lev, offsets, k, fifo, w, store, fill):
 def flood_flat(lab, todo, lev, offsets, levels):
     """Flood in place: ``lab`` (int32, flat, 0 = to label), ``todo`` (bool, flat: the pixels
     that may be labelled), ``lev`` (uint8 levels ``< levels``), ``offsets`` (int64, the flat
-    steps to the neighbours). The arrays are padded by one pixel where ``todo`` is False, so
-    no step leaves them."""
+    steps to the neighbours), fewer than 2**31 pixels. The arrays are padded by one pixel where
+    ``todo`` is False, so no step leaves them."""
     n = lab.size
     hist = np.zeros(levels + 1, np.int64)
     for i in range(n):
@@ -59,8 +59,8 @@ def flood_flat(lab, todo, lev, offsets, levels):
     start = np.cumsum(hist)  # the pixels that wait for level l: store[start[l]:fill[l]]
     fill = start[:levels].copy()
     size = max(start[levels], 1)
-    store = np.empty(size, np.int64)
-    fifo = np.empty(size, np.int64)  # each pixel enters one queue once
+    store = np.empty(size, np.int32)  # pixel indices: the caller keeps them under 2**31
+    fifo = np.empty(size, np.int32)  # each pixel enters one queue once
     w = 0
     r = 0
     seeds = np.flatnonzero(lab)

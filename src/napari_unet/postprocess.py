@@ -272,7 +272,7 @@ def flood(elevation: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.nd
     dims = tuple(s + 2 for s in shape)
     strides = np.cumprod((1,) + dims[::-1][:-1])[::-1]
     offsets = np.concatenate([strides, -strides]).astype(np.int64)
-    kernel = _compiled_flood()
+    kernel = _compiled_flood() if lab.size < 2**31 else None  # its queues are int32
     if kernel is not None:
         kernel(lab, todo, lev, offsets, LEVELS)
     else:

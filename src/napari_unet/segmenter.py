@@ -65,6 +65,10 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("instance", "semantic")
 _CANON = "TZCYX"
+#: A prediction of at least this many pixels (all planes) frees the engine's working memory
+#: after its tiles, before the post-processing (8192x8192 with OpenVINO: see
+#: ``docs/benchmarks.md``, "Working memory"); smaller ones keep it for the next call.
+RELEASE_PIXELS = 1 << 22
 
 
 def _now() -> str:
@@ -473,6 +477,8 @@ class Segmenter:
                 for d in sizer.tiles(job.run, src, out, job.transform, job.spatial):
                     yield done + int(d * per), total
                 done += per
+        if probs[0].size >= RELEASE_PIXELS and job.run.fn is not None:
+            engines.release_memory(job.run.fn)  # not held through the post-processing
         t1 = time.perf_counter()
         labels = self._postprocess(probs, job.spacing, volume=job.signal)
         yield total, total
