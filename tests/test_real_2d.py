@@ -491,3 +491,21 @@ def test_nuclei_measured_small_on_the_first_rows_get_the_whole_first_pass(starte
     assert seen[0][0] < 1120 and seen[0][1] == 1120  # the first rows were measured
     assert seen[1] == (1120, 1120)  # then the whole first pass
     assert pred.zoom > 1.5
+
+
+def test_progress_never_goes_back_while_an_image_is_resized(starter):
+    """The first pass, the resized pass and the looks after a shrink share one progress bar:
+    it only moves forward, and ends full (it used to fall from half to zero at the resize)."""
+    img, _ = make_realistic_nuclei((320, 320), seed=2, radius=(15.0, 22.0))
+    steps = []
+    gen = starter.predict_iter(img, engine="torch", tile_shape=(128, 128), batch_size=1)
+    try:
+        while True:
+            steps.append(next(gen))
+    except StopIteration as stop:
+        pred = stop.value
+    assert pred.zoom < 0.8  # it was resized: more than one pass
+    fractions = [done / total for done, total in steps]
+    assert len(fractions) >= 3
+    assert all(b >= a for a, b in zip(fractions, fractions[1:]))
+    assert fractions[-1] == 1.0

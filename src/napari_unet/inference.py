@@ -183,7 +183,19 @@ class _Sizer:
             found = d
 
     def tiles(self, run, src, out: np.ndarray, transform, spatial) -> Generator[float, None, None]:
-        """Predict one plane ``src`` (C, Y, X) into ``out`` (K, Y, X); yields progress 0..1."""
+        """Predict one plane ``src`` (C, Y, X) into ``out`` (K, Y, X); yields progress 0..1
+        that never goes back: each pass after the first (the resized one, the looks after a
+        shrink) fills what is left of the bar."""
+        base = shown = last = 0.0
+        for d in self._passes(run, src, out, transform, spatial):
+            if d < last:  # a new pass began
+                base = shown
+            last = d
+            shown = max(shown, base + (1.0 - base) * d)
+            yield shown
+
+    def _passes(self, run, src, out, transform, spatial) -> Generator[float, None, None]:
+        """:meth:`tiles`, with each pass's own progress 0..1 (the first pass's 0..0.5)."""
         if not self.active:
             yield from run.tiles(src, out, transform, spatial)
             return
@@ -238,7 +250,7 @@ class _Sizer:
             better = rescale_factor(again / self.zoom, self.model_d) if again else 1.0
             if better < 0.85 * self.zoom:
                 self.diameter, self.zoom = again / self.zoom, better
-                yield from self.tiles(run, src, out, transform, spatial)
+                yield from self._passes(run, src, out, transform, spatial)
                 return
         out[...] = resize_image(buf, spatial)
 
