@@ -320,8 +320,8 @@ def _flood_numpy(lab: np.ndarray, todo: np.ndarray, lev: np.ndarray, offsets: np
             front = np.unique(np.concatenate(reached)) if reached else np.empty(0, np.int64)
 
 
-#: False: :func:`flood` always runs its numpy version (set by tests; numba missing or broken
-#: sets it too).
+#: False: :func:`flood` always runs its numpy version (tests set it; without numba, or when it
+#: cannot compile, :func:`_compiled_flood` gives None and the numpy version runs as well).
 USE_NUMBA = True
 _kernel_lock = threading.Lock()
 _kernel: list = []  # [the compiled kernel or None], once looked for
