@@ -248,8 +248,9 @@ def test_compiled_flood_finds_the_objects_of_the_numpy_flood(monkeypatch):
 
 
 def test_flood_without_numba_or_with_a_broken_numba_runs_the_numpy_version(monkeypatch):
-    """numba missing: the numpy flood, silently; numba that cannot compile: the numpy flood
-    and one warning that says so. The objects are right either way."""
+    """numba missing or switched off (NUMBA_DISABLE_JIT): the numpy flood, silently; numba
+    that cannot compile: the numpy flood and one warning that says so. The objects are right
+    either way."""
     import sys
     import types
 
@@ -268,6 +269,14 @@ def test_flood_without_numba_or_with_a_broken_numba_runs_the_numpy_version(monke
     monkeypatch.setitem(sys.modules, "napari_unet._flood_jit", None)  # import fails
     assert pp._compiled_flood() is None
     right(pp.flood(elevation, markers, markers == 0))
+
+    numba = pytest.importorskip("numba")
+    monkeypatch.delitem(sys.modules, "napari_unet._flood_jit")
+    monkeypatch.setattr(pp, "_kernel", [])
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)  # NUMBA_DISABLE_JIT=1
+    assert pp._compiled_flood() is None  # not numba's pure-Python loops: the numpy version
+    right(pp.flood(elevation, markers, markers == 0))
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", False)
 
     broken = types.ModuleType("napari_unet._flood_jit")
 

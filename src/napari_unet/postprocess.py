@@ -335,6 +335,10 @@ def _compiled_flood():
     with _kernel_lock:
         if not _kernel:
             try:
+                import numba
+
+                if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: its loops would be Python
+                    raise ImportError("numba's compiler is switched off")
                 from ._flood_jit import flood_flat
 
                 # compile (or load from numba's cache) now, on a tiny image, not mid-strip
