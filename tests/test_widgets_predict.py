@@ -434,3 +434,17 @@ def test_engine_choice_reaches_the_prediction_and_a_fallback_is_shown(
     run(qtbot, w)
     assert used[-1] == ("openvino", "torch")
     assert any("openvino" in m and "not installed" in m for m in warned)
+
+
+def test_the_compiled_watershed_is_loaded_when_the_plugin_starts(monkeypatch):
+    """numba's kernel is loaded with the plugin, before its objects are frozen out of the
+    collector's reach: not inside the first big prediction, where importing numba froze the
+    window for 155-181 ms."""
+    pytest.importorskip("numba")
+    import napari_unet.postprocess as pp
+    from napari_unet._widgets import _session
+
+    monkeypatch.setattr(_session, "_FROZEN", False)
+    monkeypatch.setattr(pp, "_kernel", [])
+    _session._freeze_startup_objects()
+    assert pp._kernel and pp._kernel[0] is not None
