@@ -191,11 +191,7 @@ def test_noise_probabilities_post_process_fast_and_every_object_grows_from_a_see
 
     from napari_unet.postprocess import SMALL_FLOOD
 
-    rng = np.random.default_rng(0)
-    n = int(np.sqrt(4 * SMALL_FLOOD)) + 16
-    logits = rng.normal(size=(3, n, n)).astype(np.float32)
-    logits = ndimage.gaussian_filter(logits, (0, 2, 2)) * 6
-    prob = np.exp(logits) / np.exp(logits).sum(0)
+    prob = _noise_probabilities(int(np.sqrt(4 * SMALL_FLOOD)) + 16)
     t = time.perf_counter()
     labels = instances_from_probabilities(prob, seed_threshold=0.5)
     assert time.perf_counter() - t < 20
@@ -223,6 +219,9 @@ def test_compiled_flood_finds_the_objects_of_the_numpy_flood(monkeypatch):
 
     import napari_unet.postprocess as pp
     from napari_unet import Segmenter
+
+    if pp._compiled_flood() is None:
+        pytest.skip("numba is installed but could not compile here")
 
     data = Path(__file__).parent / "data"
     image = tifffile.imread(data / "dsb2018_df9a4212ecb67bb4.tif")

@@ -467,7 +467,7 @@ def predictor(
 def release_memory(fn: PredictFn) -> None:
     """Free what an engine's predictor holds between two calls (OpenVINO's activations);
     nothing for the others. Called after the tiles of a big prediction, before its
-    post-processing (see :data:`napari_unet.inference.RELEASE_PIXELS`)."""
+    post-processing (see :data:`napari_unet.segmenter.RELEASE_PIXELS`)."""
     release = getattr(fn, "release", None)
     if release is not None:
         try:

@@ -332,6 +332,8 @@ def _compiled_flood():
     compile: then a ``RuntimeWarning`` says so once and the numpy version runs)."""
     if not USE_NUMBA:
         return None
+    if _kernel:  # looked for already (every strip of every prediction asks)
+        return _kernel[0]
     with _kernel_lock:
         if not _kernel:
             try:

@@ -448,23 +448,25 @@ def _watershed_by_component(
 
     A piece of ``mask`` (connected by faces, the watershed's neighbourhood) that holds no
     marker stays 0, one that holds a single marker's voxels becomes that marker whole, and only
-    pieces shared by several markers are flooded, each in its bounding box. The result is the
-    same: water cannot leave a piece, and within a box the voxels keep their relative order, so
-    ties are broken as over the whole volume.
+    pieces shared by several markers are flooded, each in its bounding box. Water cannot leave
+    a piece, so the result is the whole volume's wherever no two voxels are at the same height;
+    among equal heights skimage breaks ties by the layout of its heap, which differs in a box
+    (64x512x512: 0.017 % of the voxels, the same objects; ``docs/benchmarks.md``).
     """
     comp, n = ndimage.label(mask)
-    out[...] = 0
     if n == 0:
+        out[...] = 0
         return
     at = markers > 0
-    pairs = np.unique(comp[at].astype(np.int64) * (int(markers.max()) + 1) + markers[at])
-    pc, pm = np.divmod(pairs, int(markers.max()) + 1)
+    span = int(markers.max()) + 1
+    pairs = np.unique(comp[at].astype(np.int64) * span + markers[at])
+    pc, pm = np.divmod(pairs, span)
     pc, pm = pc[pc > 0], pm[pc > 0]
     per = np.bincount(pc, minlength=n + 1)
     only = np.zeros(n + 1, np.int32)
     one_marker = per[pc] == 1
     only[pc[one_marker]] = pm[one_marker]
-    out[...] = only[comp]
+    np.take(only, comp, out=out)  # no volume-sized temporary
     shared = np.flatnonzero(per >= 2)
     if shared.size == 0:
         return

@@ -169,8 +169,9 @@ def _freeze_startup_objects() -> None:
     numba's compiled watershed (:func:`napari_unet.postprocess.flood`, when numba is installed)
     is loaded first, so that its 77,000 objects are frozen with the rest (loaded later, they
     added 28 ms to every such collection) and the first big prediction does not import numba
-    on its way (that import froze the window for 155-181 ms). It costs the plugin's start
-    about 0.5 s (1-4 s once after installing, to compile).
+    on its way (that import froze the window for 155-181 ms). It costs the plugin's start,
+    on the thread that opens its first widget, 0.38-0.40 s (this function: 0.48-0.50 s
+    instead of 0.10 s; 1-4 s more once after installing, to compile).
     """
     global _FROZEN
     if not _FROZEN:

@@ -167,7 +167,7 @@ class TrainWidget(QWidget):
         self.from_current_check.setEnabled(not st.busy)
         if st == State.STOPPING:
             # a stopped round is judged like a finished one before it is kept (the held-out
-            # and replay checks): 2-3 s on 2 cores for a fully corrected 512x512 image
+            # and replay checks): 1.4-1.7 s on 2 cores for a fully corrected 512x512 image
             self.status_label.setText("stopping: checking the round before keeping it ...")
 
     # ------------------------------------------------------------------ training
