@@ -137,6 +137,40 @@ def test_predict_engine_option_names_the_engine_and_refuses_unknown_ones(
     assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
 
 
+def test_predict_never_replaces_existing_results_without_overwrite(
+    tmp_path: Path, pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cells_labels.tif already in OUTDIR may be someone's hand-made truth: one image or
+    several, in-process (no cluster), it is kept unless --overwrite."""
+    img, truth = pair
+    other = tmp_path / "other.tif"
+    tifffile.imwrite(other, tifffile.imread(img))
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "cells_labels.tif"
+    mine.write_bytes(truth.read_bytes())
+    before = mine.read_bytes()
+    for argv in (["predict", "new", str(img)], ["predict", "new", str(img), str(other)]):
+        code = run(*argv, "-o", str(out), "--cluster", "none")
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert mine.read_bytes() == before
+        assert "cells.tif: skipped, cells_labels.tif exists (--overwrite replaces it)" in (
+            captured.out
+        )
+    assert (out / "other_labels.tif").exists()  # the other image was predicted
+    assert "1 images" in captured.out and "1 skipped" in captured.out
+    # --probabilities: an existing probabilities file alone is kept too
+    (out / "other_labels.tif").unlink()
+    (out / "other_probabilities.tif").write_bytes(b"mine")
+    run("predict", "new", str(other), "-o", str(out), "--probabilities")
+    assert (out / "other_probabilities.tif").read_bytes() == b"mine"
+    assert not (out / "other_labels.tif").exists()
+    code = run("predict", "new", str(img), "-o", str(out), "--overwrite")
+    assert code == 0
+    assert mine.read_bytes() != before  # asked for: replaced
+
+
 # ----------------------------------------------------------------------------- train
 
 

@@ -97,7 +97,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     show = _progress_enabled(args)
     t_start = time.perf_counter()
-    for p in paths:
+    todo = paths
+    if not getattr(args, "overwrite", False):  # results there may be someone's truth labels
+        todo = []
+        for p in paths:
+            there = [
+                f.name for f in _outputs.predict_outputs(out, [_stem(p)], args.probabilities)
+                if f.exists()
+            ]  # fmt: skip
+            if there:
+                print(f"{p.name}: skipped, {', '.join(there)} exists (--overwrite replaces it)")
+            else:
+                todo.append(p)
+    for p in todo:
         image, meta_axes = read_tiff(p, "image")
         axes = _image_axes(image, meta_axes, args.axes, p)
         label = p.name if len(p.name) <= 30 else p.name[:27] + "..."
@@ -128,7 +140,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             flush=True,
         )
     if len(paths) > 1:
-        print(f"{len(paths)} images in {time.perf_counter() - t_start:.1f} s; results in {out}")
+        skipped = f", {len(paths) - len(todo)} skipped" if len(todo) < len(paths) else ""
+        print(
+            f"{len(todo)} images in {time.perf_counter() - t_start:.1f} s{skipped}; "
+            f"results in {out}"
+        )
     return 0
 
 
