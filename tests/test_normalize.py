@@ -172,3 +172,37 @@ def test_check_finite_lazy_arrays_are_sampled():
     with pytest.raises(ValueError, match="only NaN"):
         check_finite(da.full((64, 64), np.nan, chunks=16))
     check_finite(da.ones((64, 64), chunks=16))
+
+
+@pytest.mark.parametrize(
+    "dtype, offset", [(np.int64, 2**40), (np.uint64, 2**36), (np.int32, 2**30), (np.uint32, 0)]
+)
+def test_wide_integers_far_from_zero_keep_their_signal(dtype, offset):
+    """An int64 image of values near 2**40 lost all of its signal in float32 (its step there
+    is 2**17, the image spans 255): it found no object. Now it is predicted, and fine-tuned
+    on, as the same image at zero."""
+    import napari_unet as nu
+    from napari_unet.inference import _normalizer
+    from napari_unet.synthetic import make_nuclei
+
+    img, _ = make_nuclei((96, 96), seed=0)
+    far = img.astype(dtype) + dtype(offset)
+    lo, hi = offset + 10.0, offset + 200.0
+    want = (img.astype(np.float64) - 10) / 190
+    np.testing.assert_allclose(normalize(far, lo, hi), want, atol=1e-5)
+    got = _normalizer(np.array([lo]), np.array([hi]), 0, 3)(far[None])[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    seg = nu.Segmenter.pretrained("nuclei")
+    ref = seg.predict(img, engine="torch").labels
+    assert ref.max() > 10
+    np.testing.assert_array_equal(seg.predict(far, engine="torch").labels, ref)
+
+
+def test_a_float64_image_spanning_all_of_float64_is_not_nan():
+    import napari_unet as nu
+
+    big = np.finfo(np.float64).max
+    image = np.where(np.random.default_rng(0).random((64, 64)) > 0.5, big, -big)
+    np.testing.assert_array_equal(normalize(image, -big, big), (image > 0).astype(np.float32))
+    pred = nu.Segmenter.pretrained("nuclei").predict(image, return_probabilities=True)
+    assert np.isfinite(pred.probabilities).all()  # was NaN everywhere, and no object

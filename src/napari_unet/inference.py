@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import _memory, data
-from .normalize import inverse_span
+from .normalize import float32_keeps, inverse_span
 from .scale import (
     NEAR,
     densest_window,
@@ -72,19 +72,20 @@ def _normalizer(lo: np.ndarray, hi: np.ndarray, channel_axis: int, ndim: int):
     f32 = np.finfo(np.float32).max
     lo_b = np.clip(lo64, -f32, f32).astype(np.float32).reshape(shape)
     scale_b = np.clip(scale64, 0, f32).astype(np.float32).reshape(shape)
-    lo_w, scale_w = lo64.reshape(shape), scale64.reshape(shape)
-    narrow_ok = bool(
-        np.all(np.abs(lo64) < 1e30) and np.all(np.abs(hi64) < 1e30) and np.all(scale64 < 1e30)
-    )
+    lo_w, scale_w = (lo64 * 0.5).reshape(shape), (scale64 * 2.0).reshape(shape)
+    narrow: dict = {}  # dtype -> whether float32 keeps its signal (normalize.float32_keeps)
 
     def transform(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
-        if narrow_ok and (x.dtype.kind not in "fc" or x.dtype.itemsize <= 4):
+        ok = narrow.get(x.dtype)
+        if ok is None:
+            ok = narrow[x.dtype] = float32_keeps(x.dtype, lo64, hi64, scale64)
+        if ok:
             x = x.astype(np.float32, copy=True)
             x -= lo_b
             x *= scale_b
             return x
-        w = (x.astype(np.float64) - lo_w) * scale_w
+        w = (x.astype(np.float64) * 0.5 - lo_w) * scale_w  # halves: a finite x never gives inf
         return np.clip(w, -1e6, 1e6, out=w).astype(np.float32)
 
     return transform

@@ -145,13 +145,35 @@ FLAT = 1e-12
 
 
 def inverse_span(lo: Any, hi: Any) -> np.ndarray:
-    """``1 / (hi - lo)`` in float64, 0 where the range is flat (see :data:`FLAT`)."""
+    """``1 / (hi - lo)`` in float64, 0 where the range is flat (see :data:`FLAT`). Taken
+    from half the span, so that a range as wide as float64 itself (-max to max) does not
+    overflow to an infinite span (whose inverse, 0, made every pixel NaN)."""
     lo64, hi64 = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
-    span = hi64 - lo64
+    half = hi64 * 0.5 - lo64 * 0.5
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        inv = 1.0 / span
-        ok = (span > FLAT * np.maximum(np.abs(lo64), np.abs(hi64))) & np.isfinite(inv)
+        inv = 0.5 / half
+        ok = (half > 0.5 * FLAT * np.maximum(np.abs(lo64), np.abs(hi64))) & np.isfinite(inv)
     return np.where(ok, inv, 0.0)
+
+
+def float32_keeps(dtype: Any, lo: Any, hi: Any, inv: Any) -> bool:
+    """Whether ``(x - lo) * inv`` computed in float32 keeps an image's signal.
+
+    Not when the range or its inverse does not fit float32, nor for wider floats, nor for
+    4- and 8-byte integers far from zero compared with their range (an int64 image of values
+    near 2**40 spans 255: float32's step there is 2**17, and every pixel became the same):
+    those are normalised in float64 (:func:`normalize` and ``inference._normalizer``).
+    """
+    dt = np.dtype(dtype)
+    lo64, hi64, inv64 = (np.asarray(v, np.float64) for v in (lo, hi, inv))
+    big = np.maximum(np.abs(lo64), np.abs(hi64))
+    if not (np.all(big < 1e30) and np.all(inv64 < 1e30)):
+        return False
+    if dt.kind in "fc":
+        return dt.itemsize <= 4
+    # float32 holds integers exactly to 2**24; beyond, its step (big * 2**-23) must stay
+    # under a thousandth of the range (1 / inv)
+    return dt.itemsize <= 2 or bool(np.all(big < 2**24) or np.all(big * inv64 < 8e3))
 
 
 def normalize(image: Any, lo: float, hi: float, out: np.ndarray | None = None) -> np.ndarray:
@@ -191,15 +213,11 @@ def normalize(image: Any, lo: float, hi: float, out: np.ndarray | None = None) -
         return out
     if arr.dtype == np.bool_:
         arr = arr.view(np.uint8)
-    if (
-        inv < 1e30
-        and max(abs(lo), abs(hi)) < 1e30
-        and (arr.dtype.kind not in "fc" or arr.itemsize <= 4)
-    ):
+    if float32_keeps(arr.dtype, lo, hi, inv):
         np.subtract(arr, np.float32(lo), out=out, dtype=np.float32, casting="unsafe")
         out *= np.float32(inv)
     else:  # a range float32 cannot hold: in float64, clipped as the prediction's normaliser
-        w = (arr.astype(np.float64) - lo) * inv
+        w = (arr.astype(np.float64) * 0.5 - lo * 0.5) * (2.0 * inv)  # halves: never inf
         out[...] = np.clip(w, -1e6, 1e6, out=w)
     return out
 
