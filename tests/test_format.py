@@ -252,3 +252,36 @@ def test_other_json_file_refused(tmp_path):
 
 def test_errors_are_value_errors():
     assert issubclass(ModelFileError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda t: torch.full_like(t, float("nan")), "NaN or infinite"),
+        (lambda t: t.clone().index_fill_(0, torch.tensor([0]), float("inf")), "NaN or infinite"),
+        (lambda t: t.to(torch.int64), "floating-point weights"),
+    ],
+)
+def test_damaged_weights_refused_at_load(tmp_path, damage, words):
+    """Weights that load but cannot predict (NaN, inf, integers) were taken: every
+    probability came out NaN and no object was found, without a word."""
+    from safetensors.torch import load_file, save_file
+
+    from napari_unet import Segmenter
+
+    good = Segmenter.new(base_channels=4, depth=2).save(tmp_path / "m")
+    path = Path(good) / "weights.safetensors"
+    state = load_file(path)
+    meta = read_metadata_of(path)
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 4)
+    state[key] = damage(state[key])
+    save_file(state, path, metadata=meta)
+    with pytest.raises(ModelFileError, match=words) as info:
+        Segmenter.load(good)
+    assert key in str(info.value)
+
+
+def read_metadata_of(path):
+    from napari_unet.format import read_metadata
+
+    return read_metadata(Path(path))

@@ -294,7 +294,10 @@ def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
 
 
 def check_weights(arch: Architecture, state: dict[str, Any], source: Any) -> None:
-    """Refuse weights whose names or shapes differ from the architecture (before building it)."""
+    """Refuse weights whose names or shapes differ from the architecture (before building it),
+    weights that are not floating point, and weights that are not finite."""
+    import torch
+
     from .format import ModelFileError
 
     want = expected_shapes(arch)
@@ -315,6 +318,18 @@ def check_weights(arch: Architecture, state: dict[str, Any], source: Any) -> Non
             f"{source}: the weights do not fit field 'architecture' of its config: "
             + "; ".join(parts)
         )
+    for k, v in state.items():  # a damaged file: loads, then predicts NaN everywhere
+        counter = k.endswith("num_batches_tracked")
+        if counter != (not v.is_floating_point()):
+            raise ModelFileError(
+                f"{source}: tensor {k!r} is {str(v.dtype).replace('torch.', '')}; the network "
+                f"needs {'an integer count' if counter else 'floating-point weights'} there"
+            )
+        if not counter and not bool(torch.isfinite(v).all()):
+            raise ModelFileError(
+                f"{source}: tensor {k!r} holds NaN or infinite values: the model file is "
+                "damaged (or was saved from a diverged training); use another copy"
+            )
 
 
 # --------------------------------------------------------------------------- options
