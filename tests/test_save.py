@@ -121,6 +121,41 @@ def test_refuses_to_overwrite_foreign_config(tmp_path):
     assert json.loads((folder / "config.json").read_text()) == {"model_type": "bert"}
 
 
+def test_refuses_to_overwrite_other_tools_files(tmp_path):
+    """Another tool's safetensors file, a folder holding only another tool's weights, and a
+    config.json that is not JSON with no napari-unet weights beside it were replaced."""
+    from safetensors.torch import save_file
+
+    theirs = {"w": torch.arange(3.0)}
+    single = tmp_path / "other_tool.safetensors"
+    save_file(theirs, single)
+    weights_only = tmp_path / "hf"
+    weights_only.mkdir()
+    save_file(theirs, weights_only / "weights.safetensors")
+    text_cfg = tmp_path / "cfg"
+    text_cfg.mkdir()
+    (text_cfg / "config.json").write_text("// my settings\n{a: 1}")
+    for target, kept in [
+        (single, single),
+        (weights_only, weights_only / "weights.safetensors"),
+        (text_cfg, text_cfg / "config.json"),
+    ]:
+        before = kept.read_bytes()
+        with pytest.raises(ValueError, match="will not overwrite"):
+            save_model(target, {"w": torch.ones(1)}, {})
+        assert kept.read_bytes() == before
+    with pytest.raises(ValueError, match="needs a path"):
+        save_model("", {"w": torch.ones(1)}, {})
+    # our own model, even with its config damaged, is still replaced
+    save_model(tmp_path / "m", {"w": torch.zeros(2)}, {"v": 1})
+    (tmp_path / "m" / "config.json").write_text("{damaged")
+    save_model(tmp_path / "m", {"w": torch.ones(2)}, {"v": 2})
+    assert load_model(tmp_path / "m")[1]["v"] == 2
+    save_model(tmp_path / "m.safetensors", {"w": torch.zeros(2)}, {"v": 1})
+    save_model(tmp_path / "m.safetensors", {"w": torch.ones(2)}, {"v": 3})
+    assert load_model(tmp_path / "m.safetensors")[1]["v"] == 3
+
+
 @pytest.mark.parametrize("fail_at", [1, 2])
 def test_atomic_folder_overwrite(tmp_path, monkeypatch, fail_at):
     old_sd, old_cfg = {"w": torch.zeros(4)}, {"v": "old"}

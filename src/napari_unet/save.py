@@ -142,6 +142,8 @@ def save_model(path: PathLike, state_dict: dict[str, torch.Tensor], config: dict
         If ``state_dict`` is empty or ``path`` is unsuitable (e.g. a folder form target that
         is a file, or a folder holding some other tool's ``config.json``).
     """
+    if not str(path).strip():
+        raise ValueError("save needs a path: a folder, or a file ending in .safetensors")
     target = Path(path).expanduser()
     tensors = prepare_tensors(state_dict)
     cfg = prepare_config(config)
@@ -155,6 +157,11 @@ def save_model(path: PathLike, state_dict: dict[str, torch.Tensor], config: dict
 def _save_single_file(target: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> None:
     if target.is_dir():
         raise ValueError(f"cannot write the model file {target}: a folder with that name exists")
+    if target.is_file() and _foreign(target):
+        raise ValueError(
+            f"will not overwrite {target}: it is a safetensors file of another tool, not a "
+            "napari-unet model. Save the model under another name."
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     fileio.sweep(target)
     metadata = {
@@ -201,7 +208,8 @@ def _save_folder(target: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, 
         try:
             existing = json.loads(cfg_path.read_text(encoding="utf-8-sig"))
         except (OSError, ValueError):
-            existing = None  # a damaged napari-unet config may be replaced
+            # a damaged napari-unet config may be replaced (its weights say it was ours)
+            existing = None if w_path.is_file() and _foreign(w_path) is False else []
         if existing is not None and (
             not isinstance(existing, dict) or existing.get("format") != FORMAT
         ):
@@ -209,6 +217,11 @@ def _save_folder(target: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, 
                 f"will not overwrite {cfg_path}: it is not a napari-unet config. Save the model "
                 "to another folder."
             )
+    elif w_path.is_file() and _foreign(w_path):
+        raise ValueError(
+            f"will not overwrite {w_path}: it is the weights of another tool, not of a "
+            "napari-unet model. Save the model to another folder."
+        )
     if _swap_folder(target, tensors, cfg):
         return
     # a folder holding other files, or a parent we cannot write to: the two files are
@@ -243,6 +256,17 @@ def _save_folder(target: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, 
         fileio.unlink_quietly(tmp_w)
         fileio.unlink_quietly(tmp_c)
         fileio.unlink_quietly(backup)
+
+
+def _foreign(path: Path) -> bool | None:
+    """Whether a safetensors file is some other tool's (its metadata lacks napari-unet's
+    format); None when it cannot be read at all (a damaged file, which may be replaced)."""
+    from .format import ModelFileError, read_metadata
+
+    try:
+        return read_metadata(path).get("format") != FORMAT
+    except (ModelFileError, OSError):
+        return None
 
 
 def _swap_folder(target: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> bool:
