@@ -411,9 +411,11 @@ def predict_array(
     The labels (``int32``, the array's axes without ``C``), in ``labels_out`` when given.
     """
     frame_axes, out_shape = _frames_of(model, array, axes)
+    if labels_out is not None:  # as Segmenter.predict checks it
+        from .inference import _check_labels_out
+
+        _check_labels_out(labels_out, out_shape, model.task, array)
     labels = np.zeros(out_shape, np.int32) if labels_out is None else labels_out
-    if tuple(labels.shape) != out_shape:
-        raise ValueError(f"labels_out has shape {tuple(labels.shape)}, expected {out_shape}")
     payload = model_bytes(model)
     kwargs = dict(predict_kwargs)
     kwargs.setdefault("device", "cpu")

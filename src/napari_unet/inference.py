@@ -514,8 +514,28 @@ def _write_labels(out: Any, final: np.ndarray, keep: list[str], t: int, z: int |
     out[tuple(index)] = final.astype(np.dtype(out.dtype), copy=False)
 
 
-def _check_labels_out(out: Any, shape: tuple[int, ...], task: str) -> None:
-    """``labels_out`` must be a writable integer array of the labels' shape (checked up front)."""
+def _same_array(a: Any, b: Any) -> bool:
+    """Whether writing into ``b`` would write into ``a``: numpy arrays sharing memory, or zarr
+    arrays at the same place of the same store."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return bool(np.may_share_memory(a, b))
+    sa, sb = getattr(a, "store_path", None), getattr(b, "store_path", None)
+    if sa is not None and sb is not None:
+        try:
+            return bool(sa == sb)
+        except Exception:  # noqa: BLE001 - a store that cannot compare is another store
+            return False
+    return a is b
+
+
+def _check_labels_out(out: Any, shape: tuple[int, ...], task: str, image: Any = None) -> None:
+    """``labels_out`` must be a writable integer array of the labels' shape (checked up front),
+    and not the image itself (the labels were written over it)."""
+    if image is not None and _same_array(image, out):
+        raise ValueError(
+            "labels_out is the image itself (or shares its memory or zarr store): the labels "
+            "would be written over it; give a separate array"
+        )
     if type(out).__module__.split(".")[0] == "dask":
         raise ValueError(
             "labels_out is a dask array, which cannot be written into; give a numpy array, an "
@@ -701,7 +721,22 @@ def _scale(scale: Sequence[float] | None, axes: str, keep: list[str]):
     if not all(math.isfinite(v) and v > 0 for v in vals):
         raise ValueError(f"scale values must be positive and finite, got {tuple(vals)}")
     d = dict(zip(keep, vals, strict=True))
+    sizes = {a: d[a] for a in "ZYX" if a in d}
+    ratio = max(sizes.values()) / min(sizes.values())
+    if ratio > MAX_ANISOTROPY:
+        sides = ", ".join(f"{a} {v:g}" for a, v in sizes.items())
+        raise ValueError(
+            f"scale {tuple(vals)} makes one voxel side {ratio:.3g} times another ({sides}): "
+            "more than "
+            f"{MAX_ANISOTROPY:g}x is taken for a unit mix-up (Z in um and Y/X in nm?); give every "
+            "axis in the same unit"
+        )
     return tuple(vals), (d.get("Z", 1.0), d["Y"], d["X"])
+
+
+#: the largest ratio of voxel sides ``scale`` may give (1e-6 in Z hung the 3D assembly, 1000
+#: in Y/X found nothing, without a word); light-sheet and FIB-SEM stacks stay well under it
+MAX_ANISOTROPY = 100.0
 
 
 @dataclass

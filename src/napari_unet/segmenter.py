@@ -249,7 +249,7 @@ class Segmenter:
                 f"the model takes {self.in_channels} channel(s) but the {name} has {n_ch} "
                 f"(shape {tuple(image.shape)}, axes {axes!r}){hint}"
             )
-        small = [s for a, s in zip(_CANON, canon.shape, strict=True) if a in "YX" and s < 1]
+        small = [s for a, s in zip(_CANON, canon.shape, strict=True) if a in "ZYX" and s < 1]
         if small:
             raise ValueError(f"the {name} is empty (shape {tuple(image.shape)})")
         return canon, axes
@@ -439,7 +439,7 @@ class Segmenter:
         out_shape = tuple(int(s) for a, s in zip(axes, image.shape, strict=True) if a != "C")
         scale_keep, spacing = _scale(scale, axes, keep)
         if labels_out is not None:
-            _check_labels_out(labels_out, out_shape, self.task)
+            _check_labels_out(labels_out, out_shape, self.task, image)
         dev = resolve_device(device)
         T, Z, C, Y, X = canon.shape
         nd = self.ndim
