@@ -61,3 +61,62 @@ def test_a_time_step_may_differ_from_the_pixel_size(tiny):
     stack, _ = make_nuclei((2, 32, 32), seed=1)
     pred = tiny.predict(stack, axes="TYX", scale=(600.0, 0.1, 0.1))  # 10 minutes, 0.1 um
     assert pred.labels.shape == (2, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(dropout=2.0), "dropout"),
+        (dict(task="semantic", num_classes=2.5), "num_classes"),
+        (dict(in_channels="1"), "in_channels"),
+        (dict(depth=0), "depth"),
+    ],
+)
+def test_new_refuses_bad_network_sizes_by_name(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        Segmenter.new(**kwargs)
+
+
+def test_a_torch_tensor_is_predicted_as_its_numpy_array():
+    import torch
+
+    seg = Segmenter.pretrained("nuclei")
+    image, _ = make_nuclei((64, 64), seed=0)
+    want = seg.predict(image.astype(np.float32)).labels
+    assert want.max() > 3
+    got = seg.predict(torch.from_numpy(image.astype(np.float32))).labels
+    np.testing.assert_array_equal(got, want)
+
+
+def test_load_needs_a_path():
+    for bad in (None, 3):
+        with pytest.raises(TypeError, match="needs a path"):
+            Segmenter.load(bad)
+
+
+def test_save_refuses_what_load_would_refuse_and_keeps_the_good_model(tmp_path):
+    import torch
+
+    seg = Segmenter.new(base_channels=4, depth=2)
+    good = seg.save(tmp_path / "m")
+    before = (good / "weights.safetensors").read_bytes()
+    broken = seg.copy()
+    broken.config["tile_shape"] = [0, 0]
+    with pytest.raises(ValueError, match="tile_shape"):
+        broken.save(good)
+    diverged = seg.copy()
+    with torch.no_grad():
+        next(diverged.net.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        diverged.save(good)
+    assert (good / "weights.safetensors").read_bytes() == before
+    Segmenter.load(good)
+
+
+def test_a_mask_with_nan_is_refused(tiny):
+    image, labels = make_nuclei((64, 64), seed=0)
+    mask = np.ones((64, 64), np.float32)
+    mask[:8] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        for _ in tiny.finetune(image, labels, masks=mask, steps=1):
+            pass

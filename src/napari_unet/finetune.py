@@ -362,6 +362,10 @@ def _canonical_mask(i: int, msk: np.ndarray, spatial: tuple, keep: str) -> np.nd
         raise ValueError(
             f"mask {i} has shape {msk.shape} but image {i} has spatial shape {spatial}"
         )
+    if msk.dtype.kind not in "biuf":
+        raise ValueError(f"mask {i} has dtype {msk.dtype}; a mask is bool (True = corrected)")
+    if msk.dtype.kind == "f" and not np.isfinite(msk).all():
+        raise ValueError(f"mask {i} holds NaN or infinite values; a mask is bool (True = corrected)")
     out = data.to_canonical(msk.astype(bool), keep, "TZYX")
     if not out.any():
         raise ValueError(f"mask {i} selects no pixel: nothing to learn from")

@@ -11,6 +11,7 @@ import copy
 import datetime as _dt
 import logging
 import math
+import os
 import time
 from collections.abc import Generator, Sequence
 from importlib import resources
@@ -128,9 +129,24 @@ class Segmenter:
         """
         if task not in TASKS:
             raise ValueError(f"task must be 'instance' or 'semantic', not {task!r}")
+        if task == "semantic" and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+        ):
+            raise ValueError(f"num_classes must be a whole number, not {num_classes!r}")
         if task == "semantic" and num_classes < 2:
             raise ValueError("a semantic model needs at least 2 classes (background + one)")
-        out = 3 if task == "instance" else num_classes
+        out = 3 if task == "instance" else int(num_classes)
+        from .config import Architecture
+        from .schema import ConfigError
+
+        arch = dict(
+            in_channels=in_channels, out_channels=out, base_channels=base_channels,
+            depth=depth, ndim=ndim, up_mode=up_mode, dropout=dropout,
+        )  # fmt: skip
+        try:  # the checks a saved model's architecture gets, before torch sees the values
+            Architecture._from(arch)
+        except ConfigError as e:
+            raise ValueError(f"Segmenter.new: {e.field} {e.reason}") from None
         if seed is not None:
             torch.manual_seed(seed)
         net = UNet(in_channels, out, base_channels, depth, ndim, up_mode, dropout)
@@ -150,6 +166,8 @@ class Segmenter:
         :func:`napari_unet.bioimageio.export_package`."""
         from . import bioimageio
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"Segmenter.load needs a path (str or Path), not {type(path).__name__}")
         if bioimageio.is_package(path):
             return bioimageio.import_package(path)
         # the config is checked field by field, then the weights' shapes against its
@@ -182,8 +200,25 @@ class Segmenter:
             return cls.load(p)
 
     def save(self, path: str | Path) -> Path:
-        """Save weights (safetensors) and config (JSON) atomically; returns the path."""
-        return store.save_model(path, self.net.state_dict(), self.config)
+        """Save weights (safetensors) and config (JSON) atomically; returns the path.
+
+        Refused before anything is written: a config :meth:`load` would refuse (it would
+        replace a good model by one that cannot be loaded) and weights that are not finite
+        (a diverged training)."""
+        from .schema import ConfigError
+
+        try:
+            self.model_config  # noqa: B018 - validates
+        except (ConfigError, ValueError) as e:
+            raise ValueError(f"will not save {path}: {e}") from None
+        state = self.net.state_dict()
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(
+                f"will not save {path}: the weights hold NaN or infinite values (tensor "
+                f"{bad[0]!r}; did the training diverge?). Load the last saved version instead."
+            )
+        return store.save_model(path, state, self.config)
 
     def copy(self) -> Segmenter:
         """An independent copy (weights and config)."""
@@ -218,6 +253,8 @@ class Segmenter:
     # ------------------------------------------------------------------ input handling
     def _canonical(self, image: Any, axes: str | None, channel: int | None, name: str = "image"):
         """Validate and put an image into canonical TZCYX order; returns (canon, axes)."""
+        if isinstance(image, torch.Tensor):  # its dtype is torch's, which numpy cannot read
+            image = image.detach().cpu().numpy()
         if not hasattr(image, "shape") or not hasattr(image, "dtype"):
             image = np.asarray(image)
         dt = np.dtype(image.dtype)
