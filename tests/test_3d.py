@@ -182,6 +182,39 @@ def test_finetune_on_masked_half_raises_f1_of_the_other_half(starter):
     assert after > before + 0.03, (before, after)
 
 
+def test_a_volume_round_of_a_trained_model_keeps_three_quarters_of_its_change(monkeypatch):
+    """Volume rounds are not guarded; keeping 0.75 of the change scored higher on half
+    volumes than keeping all of it and lowered fewer of them (docs/benchmarks.md). Same
+    seed and steps: the weights are the start plus 0.75 of the whole round's change."""
+    import torch
+
+    from napari_unet import finetune as ft
+
+    img, lab = make_nuclei_3d((8, 48, 48), anisotropy=2.0, seed=2)
+    seg = nu.Segmenter.new(base_channels=4, depth=2, seed=0)
+    list(seg.finetune(img, lab, axes="ZYX", steps=2, time_limit_s=None, seed=0))  # trained
+    start = {k: v.clone() for k, v in seg.net.state_dict().items()}
+
+    def round_(share):
+        monkeypatch.setattr(ft, "VOLUME_BLEND", share)
+        s = seg.copy()
+        torch.set_num_threads(1)
+        events = list(s.finetune(img, lab, axes="ZYX", steps=3, time_limit_s=None, seed=1))
+        return s.net.state_dict(), events[-1].reason
+
+    whole, why_whole = round_(1.0)
+    kept, why = round_(0.75)
+    assert "kept 75% of the change" in why and "kept" not in why_whole
+    k = "inc.0.weight"
+    assert not torch.allclose(whole[k], start[k])
+    torch.testing.assert_close(kept[k], start[k] + 0.75 * (whole[k] - start[k]))
+    # an explicit safe=False trains plainly
+    monkeypatch.setattr(ft, "VOLUME_BLEND", 0.75)
+    plain = seg.copy()
+    ev = list(plain.finetune(img, lab, axes="ZYX", steps=3, time_limit_s=None, seed=1, safe=False))
+    assert "kept" not in ev[-1].reason
+
+
 def test_a_round_on_a_volume_predicts_volumes_at_the_zoom_it_trained_at():
     """A 2D model fine-tuned on a volume trains every plane at one zoom (predict's for the
     volume, or the one an earlier round recorded) and predicts volumes at that zoom afterwards;
