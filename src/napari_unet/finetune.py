@@ -166,9 +166,7 @@ def finetune(
     finally:
         gen.close()
         if last is not None and not last.done and last.step > 0 and vblend:
-            last.reason = "stopped by the user" + blend_weights(
-                seg.net, start_state, VOLUME_BLEND
-            )
+            last.reason = "stopped by the user" + blend_weights(seg.net, start_state, VOLUME_BLEND)
         if last is not None and not last.done and last.step > 0 and guard is not None:
             # stopped by the user (the generator closed at a yield): judged all the same, so
             # a Stop never keeps weights the checks would have refused
@@ -381,7 +379,9 @@ def _canonical_mask(i: int, msk: np.ndarray, spatial: tuple, keep: str) -> np.nd
     if msk.dtype.kind not in "biuf":
         raise ValueError(f"mask {i} has dtype {msk.dtype}; a mask is bool (True = corrected)")
     if msk.dtype.kind == "f" and not np.isfinite(msk).all():
-        raise ValueError(f"mask {i} holds NaN or infinite values; a mask is bool (True = corrected)")
+        raise ValueError(
+            f"mask {i} holds NaN or infinite values; a mask is bool (True = corrected)"
+        )
     out = data.to_canonical(msk.astype(bool), keep, "TZYX")
     if not out.any():
         raise ValueError(f"mask {i} selects no pixel: nothing to learn from")
