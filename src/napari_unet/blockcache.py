@@ -96,7 +96,17 @@ class BlockCache:
             slice(i * c, min((i + 1) * c, n))
             for i, c, n in zip(index, self.chunks, self.shape, strict=True)
         )
-        block = np.asarray(self.array[key])
+        try:
+            block = np.asarray(self.array[key])
+        except Exception as e:
+            if type(self.array).__module__.split(".")[0] != "zarr":
+                raise  # dask over an OME-Zarr names the damaged chunk itself (omezarr_read)
+            from .omezarr_read import damaged_chunk_error, zarr_array_path
+
+            err = damaged_chunk_error(self.array, zarr_array_path(self.array), key, e)
+            if err is e:
+                raise
+            raise err from e
         if self.check_finite and block.dtype.kind in "fc":
             n_bad = block.size - int(np.count_nonzero(np.isfinite(block)))
             if n_bad:

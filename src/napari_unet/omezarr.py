@@ -86,6 +86,80 @@ def _check_axes(axes: str, ndim: int, what: str) -> str:
     return axes
 
 
+def _check_scale(scale: Any, n: int, what: str) -> list[float] | None:
+    """``scale`` as ``n`` positive finite floats (None stays None); ValueError otherwise."""
+    if scale is None:
+        return None
+    if isinstance(scale, (str, bytes)) or not hasattr(scale, "__iter__"):
+        raise ValueError(f"{what} must be a sequence of {n} numbers (one per axis), not {scale!r}")
+    try:
+        vals = [float(v) for v in scale]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} {scale!r} must be numbers (one pixel size per axis)") from None
+    if len(vals) != n:
+        raise ValueError(f"{what} {tuple(scale)} has {len(vals)} value(s); give one per axis ({n})")
+    if not all(math.isfinite(v) and v > 0 for v in vals):
+        raise ValueError(
+            f"{what} {tuple(scale)} must be positive and finite (physical pixel sizes)"
+        )
+    return vals
+
+
+def _check_chunks(chunks: Any, shape: Sequence[int], axes: str, what: str) -> tuple[int, ...]:
+    """``chunks`` as one positive int per axis (None: the default); ValueError otherwise."""
+    if chunks is None:
+        return _default_chunks(shape, axes)
+    if isinstance(chunks, (str, bytes)) or not hasattr(chunks, "__iter__"):
+        raise ValueError(f"{what} chunks must be a sequence of {len(shape)} ints, not {chunks!r}")
+    chunks = tuple(chunks)
+    if len(chunks) != len(shape):
+        raise ValueError(
+            f"{what} chunks {chunks} have {len(chunks)} value(s) but the array has "
+            f"{len(shape)} axes ({axes}): give one chunk size per axis"
+        )
+    if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in chunks) or (
+        min(chunks, default=1) < 1
+    ):
+        raise ValueError(f"{what} chunks {chunks} must be positive integers (pixels per chunk)")
+    return tuple(int(c) for c in chunks)
+
+
+def _check_levels(levels: Any) -> int | None:
+    if levels is None:
+        return None
+    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 1:
+        raise ValueError(f"levels must be a whole number of at least 1, not {levels!r}")
+    return int(levels)
+
+
+def _check_image(
+    image: Any,
+    axes: str | None,
+    scale: Any,
+    labels_axes: str,
+    labels_shape: tuple[int, ...],
+) -> tuple[Any, str, list[float] | None]:
+    """Validate the image written next to the labels; returns (image, axes, scale)."""
+    if not hasattr(image, "shape") or not hasattr(image, "dtype"):
+        image = np.asarray(image)
+    if axes is None:
+        raise ValueError("image_axes are needed with an image (e.g. 'YX', 'CYX', 'ZYX')")
+    axes = _check_axes(axes, len(image.shape), "image")
+    dt = np.dtype(image.dtype)
+    if dt.kind not in "biuf":
+        raise ValueError(f"the image has dtype {dt}; expected a real-valued (integer or float) one")
+    scale = _check_scale(scale, len(axes), "image_scale")
+    ishape = {a: int(n) for a, n in zip(axes, image.shape, strict=True) if a != "C"}
+    lshape = dict(zip(labels_axes, labels_shape, strict=True))
+    if set(ishape) != set(lshape) or any(ishape[a] != lshape[a] for a in lshape):
+        raise ValueError(
+            f"the image ({axes} {tuple(int(n) for n in image.shape)}) does not match the labels "
+            f"({labels_axes} {labels_shape}): apart from C, the image must have the labels' axes "
+            "and sizes; crop or pad one of them, or check image_axes"
+        )
+    return image, axes, scale
+
+
 def _default_levels(shape: Sequence[int], axes: str) -> int:
     yx = [shape[axes.index("Y")], shape[axes.index("X")]]
     n = 1
@@ -184,15 +258,9 @@ def _write_multiscale(
     """Write ``data`` and its pyramid into ``group`` (arrays ``0``, ``1``, ...); set the
     ``multiscales`` attribute. Returns the zarr arrays."""
     shape = tuple(int(s) for s in data.shape)
-    n = _default_levels(shape, axes) if levels is None else int(levels)
-    if n < 1:
-        raise ValueError(f"levels must be at least 1, not {levels}")
-    chunks = tuple(chunks) if chunks is not None else _default_chunks(shape, axes)
-    if len(chunks) != len(shape):
-        raise ValueError(f"chunks {chunks} do not match the {len(shape)} axes {axes!r}")
-    base = [1.0] * len(shape) if scale is None else [float(s) for s in scale]
-    if len(base) != len(shape):
-        raise ValueError(f"scale {tuple(scale)} does not match the {len(shape)} axes {axes!r}")
+    n = _check_levels(levels) or _default_levels(shape, axes)
+    chunks = _check_chunks(chunks, shape, axes, name)
+    base = _check_scale(scale, len(shape), f"{name} scale") or [1.0] * len(shape)
     arrays = [_new_array(group, "0", shape, chunks, dtype or data.dtype)]
     _copy_into(arrays[0], data)
     datasets = []
@@ -222,15 +290,36 @@ def _write_multiscale(
     return arrays
 
 
-def _colors_meta(colors: dict[int, Sequence[float]] | None) -> list[dict[str, Any]]:
+def _colors_meta(colors: Any) -> list[dict[str, Any]]:
+    """The NGFF ``colors`` entries of ``{label value: (r, g, b[, a])}`` (0..1 floats or 0..255
+    ints); ValueError, naming the entry, for anything else."""
+    if colors is None:
+        return []
+    if not isinstance(colors, dict):
+        raise ValueError(
+            f"colors must be a dict {{label value: (r, g, b, a)}}, not {type(colors).__name__}"
+        )
     out = []
-    for value, rgba in sorted((colors or {}).items()):
-        c = [float(v) for v in rgba]
+    for value, rgba in colors.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"colors: the key {value!r} is not a label value (an integer)")
+        bad = ValueError(
+            f"colors: the colour of label {value} is {rgba!r}; give (r, g, b) or (r, g, b, a) "
+            "numbers, all 0..1 floats or all 0..255 ints (e.g. (1.0, 0.0, 0.0, 1.0))"
+        )
+        if isinstance(rgba, (str, bytes)) or not hasattr(rgba, "__iter__"):
+            raise bad
+        try:
+            c = [float(v) for v in rgba]
+        except (TypeError, ValueError):
+            raise bad from None
+        if len(c) not in (3, 4) or not all(math.isfinite(v) and 0 <= v <= 255 for v in c):
+            raise bad
         if all(v <= 1.0 for v in c):  # napari-style 0..1 floats -> the spec's 0..255 ints
             c = [round(v * 255) for v in c]
         c = [int(v) for v in (c + [255] * 4)[:4]]
         out.append({"label-value": int(value), "rgba": c})
-    return out
+    return sorted(out, key=lambda e: e["label-value"])
 
 
 def _temp_for(target: Path) -> Path:
@@ -288,21 +377,33 @@ class LabelsWriter:
     ):
         import zarr
 
+        # everything is checked before anything is written
         self.path = Path(path).expanduser()
         self.axes = _check_axes(axes, len(shape), "labels")
         if "C" in self.axes:
             raise ValueError(f"labels cannot have a channel axis (axes {self.axes!r})")
         if not str(name) or "/" in str(name) or str(name).startswith("."):
             raise ValueError(f"label name {name!r} must be a plain folder name")
+        if not np.issubdtype(np.dtype(dtype), np.integer):
+            raise ValueError(f"labels must be integers, not {np.dtype(dtype)}")
         self.name = str(name)
         self.shape = tuple(int(s) for s in shape)
-        self.scale = scale
-        self.chunks = (
-            tuple(chunks) if chunks is not None else _default_chunks(self.shape, self.axes)
-        )
+        if min(self.shape, default=1) < 0:
+            raise ValueError(f"labels shape {self.shape} has a negative size")
+        self.scale = _check_scale(scale, len(self.shape), "scale")
+        self.chunks = _check_chunks(chunks, self.shape, self.axes, "labels")
+        if units is not None and (
+            not isinstance(units, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in units.items())
+        ):
+            raise ValueError(f"units must be a dict of axis letter: unit name, not {units!r}")
         self.units = units
         self.overwrite = overwrite
-        self.levels = _default_levels(self.shape, self.axes) if levels is None else int(levels)
+        self.levels = _check_levels(levels) or _default_levels(self.shape, self.axes)
+        if image is not None:
+            image, image_axes, image_scale = _check_image(
+                image, image_axes, image_scale, self.axes, self.shape
+            )
         _check_target(self.path, overwrite)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = _temp_for(self.path)
@@ -320,9 +421,7 @@ class LabelsWriter:
         self.done = False
 
     def _write_image(self, image: Any, axes: str | None, scale: Sequence[float] | None) -> None:
-        if axes is None:
-            raise ValueError("image_axes are needed with an image")
-        axes = _check_axes(axes, image.ndim, "image")
+        assert axes is not None  # checked by _check_image
         order = sorted(range(len(axes)), key=lambda d: _NGFF_ORDER.index(axes[d]))
         if order != list(range(len(axes))):  # NGFF wants t, c, z, y, x
             if type(image).__module__.split(".")[0] != "dask":
@@ -351,13 +450,10 @@ class LabelsWriter:
         Y and X until both are at most 256),
         write the metadata, and rename the store to :attr:`path`. Returns :attr:`path`."""
         try:
-            n = self.levels if levels is None else int(levels)
-            if n < 1:
-                raise ValueError(f"levels must be at least 1, not {levels}")
+            n = _check_levels(levels) or self.levels
+            color_meta = _colors_meta(colors)
             arrays = [self.array]
-            base = [1.0] * len(self.shape) if self.scale is None else [float(s) for s in self.scale]
-            if len(base) != len(self.shape):
-                raise ValueError(f"scale {tuple(base)} does not match the axes {self.axes!r}")
+            base = list(self.scale) if self.scale is not None else [1.0] * len(self.shape)
             datasets = [
                 {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": base}]}
             ]
@@ -384,8 +480,8 @@ class LabelsWriter:
                 }
             ]
             label_meta: dict[str, Any] = {"version": NGFF_VERSION}
-            if colors:
-                label_meta["colors"] = _colors_meta(colors)
+            if color_meta:
+                label_meta["colors"] = color_meta
             if "multiscales" in self.root.attrs:
                 label_meta["source"] = {"image": "../../"}
             self.group.attrs["image-label"] = label_meta
@@ -462,9 +558,21 @@ def write_labels(
     -------
     pathlib.Path
         ``path``.
+
+    Raises
+    ------
+    ValueError
+        Arguments that would make an inconsistent or unreadable store (an image whose sizes
+        differ from the labels', a complex image, a scale that is not positive and finite,
+        chunks that are not one positive int per axis, colours that are not the above), before
+        anything is written.
     """
+    if not hasattr(labels, "shape") or not hasattr(labels, "dtype"):
+        labels = np.asarray(labels)
     if not np.issubdtype(np.dtype(labels.dtype), np.integer):
         raise ValueError(f"labels must be integers, not {np.dtype(labels.dtype)}")
+    _colors_meta(colors)  # refused before anything is written
+    _check_levels(levels)
     if axes is None:
         axes = {2: "YX", 3: "ZYX", 4: "TZYX"}.get(labels.ndim)
         if axes is None:

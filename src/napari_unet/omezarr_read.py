@@ -3,7 +3,8 @@
 :func:`read` opens an OME-Zarr folder: its image pyramid (if any) and its label images, each a
 :class:`Multiscale` of dask arrays over the zarr arrays, full resolution first. Missing chunk
 files and metadata that does not follow the specification raise :class:`OmeZarrError`, whose
-message names the path and the problem. Metadata is read as plain JSON; zarr opens the arrays.
+message names the path and the problem; so does a chunk file that cannot be decoded (damaged),
+when the data is read. Metadata is read as plain JSON; zarr opens the arrays.
 Writing is :mod:`napari_unet.omezarr`'s job (which re-exports these names).
 """
 
@@ -102,29 +103,221 @@ def _bad(path: Path, problem: str) -> OmeZarrError:
     )
 
 
+def _file_grid(arr: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(block shape, blocks per axis) of the files of a zarr array: its shards, else chunks."""
+    unit = tuple(int(c) for c in (getattr(arr, "shards", None) or arr.chunks))
+    grid = tuple(math.ceil(int(s) / c) for s, c in zip(arr.shape, unit, strict=True))
+    return unit, grid
+
+
+def _key_format(arr: Any) -> tuple[str, str] | None:
+    """(prefix, separator) of the chunk file names of ``arr`` ("c/" and "/" for zarr 3's
+    default "c/1/2", "" and "." for zarr 2's "1.2"), or None if they do not follow that form."""
+    enc = arr.metadata
+    if not hasattr(enc, "encode_chunk_key") or arr.ndim == 0:
+        return None
+    nd = arr.ndim
+    ones = enc.encode_chunk_key((1,) * nd)
+    prefix = ones[: -(2 * nd - 1)] if nd > 1 else ones[:-1]
+    sep = ones[-2] if nd > 1 else "/"
+    probe = tuple(range(10, 10 + nd))
+    if enc.encode_chunk_key(probe) != prefix + sep.join(map(str, probe)):
+        return None
+    return prefix, sep
+
+
+def _stored_chunks(
+    arr: Any, array_path: Path, grid: tuple[int, ...]
+) -> set[tuple[int, ...]] | None:
+    """Grid indices of the chunk files on disk, found by listing the array's folder (time in
+    proportion to the files there, not to the chunks its shape claims); None if unknown."""
+    fmt = _key_format(arr)
+    if fmt is None:
+        return None
+    prefix, sep = fmt
+    nd = len(grid)
+    found: set[tuple[int, ...]] = set()
+    root = str(array_path)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        for fn in filenames:
+            rel = fn if rel_dir == "." else f"{rel_dir}/{fn}"
+            if not rel.startswith(prefix):
+                continue
+            parts = rel[len(prefix) :].split(sep)
+            if len(parts) != nd or not all(q.isdigit() and q.isascii() for q in parts):
+                continue
+            idx = tuple(int(q) for q in parts)
+            if all(i < g for i, g in zip(idx, grid, strict=True)):
+                found.add(idx)
+    return found
+
+
+def _first_missing(present: set[tuple[int, ...]], grid: tuple[int, ...]) -> tuple[int, ...]:
+    """The first grid index (C order) not in ``present`` (which holds fewer than all)."""
+    flat = []
+    for idx in present:
+        f = 0
+        for i, g in zip(idx, grid, strict=True):
+            f = f * g + i
+        flat.append(f)
+    first = 0
+    for f in sorted(flat):
+        if f != first:
+            break
+        first += 1
+    out = []
+    for g in reversed(grid):
+        first, i = divmod(first, g)
+        out.append(i)
+    return tuple(reversed(out))
+
+
 def _missing_chunks(arr: Any, array_path: Path) -> tuple[int, int, tuple[int, ...] | None]:
-    """(chunk files missing, chunks in all, grid index of the first missing) of a zarr array."""
-    grid = [math.ceil(s / c) for s, c in zip(arr.shape, arr.chunks, strict=True)]
+    """(chunk files missing, chunks in all, grid index of the first missing) of a zarr array.
+
+    The files are counted by listing the array's folder, so a shape that claims billions of
+    chunks (a damaged ``.zarray``) is answered as fast as the files on disk allow."""
+    _, grid = _file_grid(arr)
     total = math.prod(grid)
     if total == 0:
         return 0, 0, None
-    present = int(arr.nchunks_initialized)
-    if present >= total:
+    present = _stored_chunks(arr, array_path, grid)
+    if present is None:  # an unusual chunk key encoding: ask zarr (linear in the chunk slots)
+        n = int(arr.nchunks_initialized)
+        if n >= total:
+            return 0, total, None
+        first = next(
+            (
+                idx
+                for idx in itertools.product(*[range(g) for g in grid])
+                if not (array_path / arr.metadata.encode_chunk_key(idx)).exists()
+            ),
+            None,
+        )
+        return total - n, total, first
+    if len(present) >= total:
         return 0, total, None
-    enc = arr.metadata
-    first = None
-    for idx in itertools.product(*[range(g) for g in grid]):
-        key = enc.encode_chunk_key(idx) if hasattr(enc, "encode_chunk_key") else None
-        if key is None or not (array_path / key).exists():
-            first = idx
-            break
-    return total - present, total, first
+    return total - len(present), total, _first_missing(present, grid)
+
+
+class _DamageNamingArray:
+    """A zarr array whose reads name the chunk file that cannot be decoded.
+
+    Only a failed read costs anything more: the good path is one ``arr[key]``.
+    """
+
+    def __init__(self, arr: Any, path: Path):
+        self.arr = arr
+        self.path = path
+        self.shape = tuple(arr.shape)
+        self.dtype = arr.dtype
+        self.ndim = arr.ndim
+        self.chunks = arr.chunks
+
+    def __getitem__(self, key: Any) -> Any:
+        try:
+            return self.arr[key]
+        except Exception as e:  # noqa: BLE001 - codecs raise RuntimeError, OSError, zlib.error...
+            err = damaged_chunk_error(self.arr, self.path, key, e)
+            if err is e:
+                raise
+            raise err from e
+
+
+def zarr_array_path(arr: Any) -> str:
+    """Where a zarr array lives: a folder for a local store, else the store's URL."""
+    sp = getattr(arr, "store_path", None)
+    root = getattr(getattr(sp, "store", None), "root", None)
+    if root is not None:
+        return str(Path(root) / sp.path) if sp.path else str(root)
+    return str(sp) if sp is not None else repr(arr)
+
+
+def damaged_chunk_error(arr: Any, path: Any, key: Any, exc: BaseException) -> BaseException:
+    """The error for a read of ``arr[key]`` that raised ``exc``: an :class:`OmeZarrError`
+    naming the chunk file that cannot be decoded, else ``exc`` itself (not a chunk's fault).
+
+    A read of several chunks is narrowed down by reading them one by one (failures only)."""
+    if isinstance(exc, (MemoryError, PermissionError, OmeZarrError)):
+        return exc
+    unit, grid = _file_grid(arr)
+    region = _region(key, arr.shape)
+    if region is None:
+        return exc
+    ranges = [
+        range(a // u, (b - 1) // u + 1) if b > a else range(0)
+        for (a, b), u in zip(region, unit, strict=True)
+    ]
+    blocks = list(itertools.product(*ranges))
+    if len(blocks) > 1:
+        for idx in blocks:
+            sl = tuple(
+                slice(i * u, min((i + 1) * u, s))
+                for i, u, s in zip(idx, unit, arr.shape, strict=True)
+            )
+            try:
+                arr[sl]
+            except Exception as e:  # noqa: BLE001 - see _DamageNamingArray
+                return damaged_chunk_error(arr, path, sl, e)
+        return exc
+    if not blocks:
+        return exc
+    idx = blocks[0]
+    where = "shard" if getattr(arr, "shards", None) else "chunk"
+    try:
+        name = f" (file {arr.metadata.encode_chunk_key(idx)})"
+    except Exception:  # noqa: BLE001 - only for the message
+        name = ""
+    return OmeZarrError(
+        f"{where} {idx} of {path} cannot be decoded: the file is damaged{name}; "
+        f"{type(exc).__name__}: {str(exc).rstrip('.')}. Copy the store again from its source, "
+        "or write it again"
+    )
+
+
+def _region(key: Any, shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
+    """[(start, stop)] per axis of a basic index (ints, step-1 slices, Ellipsis), else None."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is Ellipsis for k in key):
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1 :]
+    key = key + (slice(None),) * (len(shape) - len(key))
+    if len(key) != len(shape):
+        return None
+    out = []
+    for k, n in zip(key, shape, strict=True):
+        if isinstance(k, slice):
+            a, b, step = k.indices(int(n))
+            if step != 1:
+                return None
+            out.append((a, max(a, b)))
+        elif isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+            k = int(k) + int(n) if k < 0 else int(k)
+            out.append((k, k + 1))
+        else:
+            return None
+    return out
+
+
+def _lazy(arr: Any, apath: Path) -> Any:
+    """A dask array over the zarr array ``arr`` (at ``apath``) whose reads name a damaged chunk."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    return da.from_array(
+        _DamageNamingArray(arr, apath),
+        chunks=arr.chunks,
+        name="from-zarr-" + tokenize(arr, arr.chunks),
+        meta=np.empty((0,) * arr.ndim, dtype=arr.dtype),
+        asarray=True,
+    )
 
 
 def _read_multiscale(group_path: Path, attrs: dict[str, Any], missing_chunks: str) -> Multiscale:
     """The first multiscale image described in ``attrs`` of the group at ``group_path``."""
-    import dask.array as da
-
     ms = attrs.get("multiscales")
     if not isinstance(ms, list) or not ms or not isinstance(ms[0], dict):
         raise _bad(group_path, "'multiscales' must be a non-empty list of objects")
@@ -139,7 +332,7 @@ def _read_multiscale(group_path: Path, attrs: dict[str, Any], missing_chunks: st
         scale, trans = _transforms(group_path, f"level {i} ({rel})", ds, axes)
         if missing_chunks != "fill":
             _check_chunks(arr, group_path / rel, i)
-        levels.append(da.from_zarr(arr))
+        levels.append(_lazy(arr, group_path / rel))
         scales.append(tuple(scale))
         translations.append(tuple(trans))
     for i in range(1, len(levels)):
@@ -198,10 +391,13 @@ def _check_chunks(arr: Any, apath: Path, i: int) -> None:
     """Refuse a level whose chunk files are not all there (zarr would read zeros)."""
     n, total, first = _missing_chunks(arr, apath)
     if n:
+        held = total - n
         raise OmeZarrError(
             f"{apath}: {n} of {total} chunks of level {i} are missing (first: chunk "
-            f"{first}); the copy is incomplete or damaged. Copy it again; if the writer "
-            "skipped empty chunks on purpose, read it with missing_chunks='fill'"
+            f"{first}; its shape {tuple(arr.shape)} claims {total} chunks but it holds {held} "
+            "chunk files); the copy is incomplete or damaged, or the shape in its metadata is "
+            "wrong. Copy it again; if the writer skipped empty chunks on purpose, read it with "
+            "missing_chunks='fill'"
         )
 
 
@@ -249,6 +445,7 @@ def read(path: str | os.PathLike, missing_chunks: str = "error") -> OmeZarr:
         No such folder.
     OmeZarrError
         Not OME-Zarr, wrong metadata, missing chunks, a listed label image that is not there.
+        Later, when the lazy data is read: a chunk file that cannot be decoded (damaged).
     """
     if missing_chunks not in ("error", "fill"):
         raise ValueError(f"missing_chunks must be 'error' or 'fill', not {missing_chunks!r}")
