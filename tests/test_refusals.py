@@ -120,3 +120,26 @@ def test_a_mask_with_nan_is_refused(tiny):
     with pytest.raises(ValueError, match="NaN"):
         for _ in tiny.finetune(image, labels, masks=mask, steps=1):
             pass
+
+
+def test_evaluate_of_a_complex_tiff_is_a_clear_error(tmp_path, capsys):
+    import tifffile
+
+    from napari_unet import cli
+
+    path = tmp_path / "c.tif"
+    tifffile.imwrite(path, (np.ones((8, 8)) + 1j).astype(np.complex64))
+    assert cli.main(["evaluate", str(path), "--truth", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "complex64" in err and "Traceback" not in err
+
+
+def test_predict_files_into_a_file_is_refused(tiny, tmp_path):
+    import tifffile
+
+    image, _ = make_nuclei((32, 32), seed=0)
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, image)
+    with pytest.raises(batch.BatchError, match="is a file"):
+        batch.predict_files(tiny, [path], path)
+    np.testing.assert_array_equal(tifffile.imread(path), image)

@@ -266,6 +266,8 @@ def predict_files(
     """
     t0 = time.perf_counter()
     out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise BatchError(f"the output folder {out} is a file; give a folder for the labels")
     res = BatchResult()
     todo = _plan_outputs([Path(p).expanduser() for p in images], out, overwrite, res)
     out.mkdir(parents=True, exist_ok=True)

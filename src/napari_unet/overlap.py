@@ -61,7 +61,15 @@ def as_labels(x: Any, name: str) -> np.ndarray:
             if arr.max() > 2**53:
                 raise ValueError(f"{name} contains float labels too large to be exact")
         return arr.astype(np.int64)
-    raise TypeError(f"{name} must be an integer, boolean or float array, got dtype {arr.dtype}")
+    raise LabelsDtypeError(
+        f"{name} must be an integer, boolean or float array, got dtype {arr.dtype}"
+    )
+
+
+class LabelsDtypeError(TypeError, ValueError):
+    """A label image of a dtype that cannot hold ids (complex, strings ...): a ``TypeError``,
+    and a ``ValueError`` too, so that the command line reports it as bad input (a complex
+    TIFF given to ``napari-unet evaluate`` printed a traceback)."""
 
 
 # --------------------------------------------------------------------------------------------
