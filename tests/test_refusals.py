@@ -143,3 +143,13 @@ def test_predict_files_into_a_file_is_refused(tiny, tmp_path):
     with pytest.raises(batch.BatchError, match="is a file"):
         batch.predict_files(tiny, [path], path)
     np.testing.assert_array_equal(tifffile.imread(path), image)
+
+
+def test_a_damaged_chunk_of_a_zarr_array_given_to_predict_is_named(tiny, tmp_path):
+    image, _ = make_nuclei((64, 64), seed=0)
+    z = zarr.open_array(tmp_path / "a.zarr", mode="w", shape=(64, 64), chunks=(32, 32), dtype="u2")
+    z[:] = image
+    chunk = next(p for p in (tmp_path / "a.zarr").rglob("*") if p.is_file() and p.name == "1")
+    chunk.write_bytes(b"0123456789")  # one chunk file overwritten
+    with pytest.raises(ValueError, match="cannot be decoded"):
+        tiny.predict(zarr.open_array(tmp_path / "a.zarr", mode="r"))

@@ -172,6 +172,10 @@ def _lazy_or_numpy(array: Any) -> Any:
             return np.asarray(array)
         chunks = getattr(array, "chunks", None)
         ok = isinstance(chunks, tuple) and all(isinstance(c, (int, np.integer)) for c in chunks)
+        if ok and type(array).__module__.split(".")[0] == "zarr":
+            from .omezarr_read import _lazy, zarr_array_path  # a damaged chunk is named
+
+            return _lazy(array, zarr_array_path(array))
         return da.from_array(array, chunks=chunks if ok else "auto")
     return np.asarray(array)
 
