@@ -159,6 +159,41 @@ def test_auto_exports_in_the_background_for_small_images(monkeypatch, tmp_path):
     assert np.abs(second.probabilities - first.probabilities).max() < 1e-4
 
 
+def test_the_background_export_starts_once_the_prediction_is_done(monkeypatch, tmp_path):
+    """Run alongside the prediction it was started by, the export took the CPU from it: a
+    512x512 refresh after a round took 1.23 s instead of 0.31 s."""
+    if not engines.available_engines():
+        pytest.skip("no CPU engine installed")
+    monkeypatch.setenv("NAPARI_UNET_CACHE", str(tmp_path))
+    events: list[str] = []
+    real_torch, real_export = engines._torch_predictor, engines.export_in_background
+
+    def torch_predictor(*a, **k):
+        fn = real_torch(*a, **k)
+
+        def tile(batch):
+            events.append("tile")
+            return fn(batch)
+
+        return tile
+
+    def export(net, digest):
+        events.append("export")
+        return real_export(net, digest)
+
+    monkeypatch.setattr(engines, "_torch_predictor", torch_predictor)
+    monkeypatch.setattr(engines, "export_in_background", export)
+    seg = Segmenter.new(base_channels=8, depth=2, seed=11)
+    img = make_nuclei((64, 64), seed=0)[0]
+    before = engines.weights_digest(seg.net)
+    first = seg.predict(img, device="cpu")
+    assert first.engine == "torch"
+    assert "tile" in events and events[-1] == "export" and events.count("export") == 1
+    assert events.index("export") > max(i for i, e in enumerate(events) if e == "tile")
+    engines.wait_for_exports()
+    assert engines.is_exported(before)
+
+
 def test_an_unknown_engine_is_refused_by_name():
     seg = Segmenter.new(base_channels=8, depth=2)
     with pytest.raises(ValueError, match="engine must be one of.*'torch'"):

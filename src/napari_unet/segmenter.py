@@ -435,6 +435,7 @@ class Segmenter:
                     labels, probs_out = labels_out, None
         finally:
             _release(job.run.device)  # the GPU is not left full, whatever happened
+            engines.start_deferred_export(job.run.fn)  # for the next prediction, if any
         return Prediction(
             probs_out,
             labels,
