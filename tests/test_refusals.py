@@ -153,3 +153,12 @@ def test_a_damaged_chunk_of_a_zarr_array_given_to_predict_is_named(tiny, tmp_pat
     chunk.write_bytes(b"0123456789")  # one chunk file overwritten
     with pytest.raises(ValueError, match="cannot be decoded"):
         tiny.predict(zarr.open_array(tmp_path / "a.zarr", mode="r"))
+
+
+def test_a_masked_array_with_masked_pixels_is_refused(tiny):
+    image, _ = make_nuclei((32, 32), seed=0)
+    masked = np.ma.masked_greater(image, image.mean())
+    with pytest.raises(ValueError, match="masked array"):
+        tiny.predict(masked)
+    whole = np.ma.masked_array(image, mask=False)  # nothing masked: its data
+    np.testing.assert_array_equal(tiny.predict(whole).labels, tiny.predict(image).labels)

@@ -255,6 +255,13 @@ class Segmenter:
         """Validate and put an image into canonical TZCYX order; returns (canon, axes)."""
         if isinstance(image, torch.Tensor):  # its dtype is torch's, which numpy cannot read
             image = image.detach().cpu().numpy()
+        if isinstance(image, np.ma.MaskedArray):
+            if np.ma.getmaskarray(image).any():  # what lies under the mask would be segmented
+                raise ValueError(
+                    f"the {name} is a masked array with masked pixels; the network needs a value "
+                    "for every pixel: give image.filled(value) (e.g. the background level)"
+                )
+            image = np.ma.getdata(image)
         if not hasattr(image, "shape") or not hasattr(image, "dtype"):
             image = np.asarray(image)
         dt = np.dtype(image.dtype)
