@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import hashlib
 import logging
 import math
 import os
@@ -70,6 +71,10 @@ _CANON = "TZCYX"
 #: after its tiles, before the post-processing (8192x8192 with OpenVINO: see
 #: ``docs/benchmarks.md``, "Working memory"); smaller ones keep it for the next call.
 RELEASE_PIXELS = 1 << 22
+#: a 2D image of at most this many pixels leaves the zoom its prediction picked for a round
+#: on it to reuse (:meth:`Segmenter._zoom_for`), if the weights are still the same: the
+#: round's setup predicted the whole image again for it (0.26 s at 512x512 of a 0.97 s setup)
+ZOOM_MEMO_PIXELS = 1 << 24
 
 
 def _now() -> str:
@@ -443,6 +448,10 @@ class Segmenter:
         finally:
             _release(job.run.device)  # the GPU is not left full, whatever happened
             engines.start_deferred_export(job.run.fn)  # for the next prediction, if any
+        if labels_out is None and diameter is None and job.canon.shape[:2] == (1, 1):
+            key = self._plane_key(job.canon[0, 0])
+            if key is not None:  # what a round on this image will want to know
+                self._zoom_memo = (key, sizer.zoom, sizer.diameter)
         return Prediction(
             probs_out,
             labels,
@@ -457,10 +466,23 @@ class Segmenter:
             job.run.engine_used,
         )
 
+    def _plane_key(self, plane: Any) -> tuple[str, str] | None:
+        """(weights, pixels) digests of a canonical ``(C, Y, X)`` numpy plane; None for a lazy
+        or big one (see :data:`ZOOM_MEMO_PIXELS`)."""
+        if not isinstance(plane, np.ndarray) or plane.size > ZOOM_MEMO_PIXELS:
+            return None
+        h = hashlib.blake2b(repr((plane.shape, plane.dtype.str)).encode(), digest_size=16)
+        h.update(np.ascontiguousarray(plane).data)
+        return engines.weights_digest(self.net), h.hexdigest()
+
     def _zoom_for(self, plane: np.ndarray, axes: str, volume: bool = False):
         """``(zoom, estimated diameter or None)`` :meth:`predict` picks for a 2D plane (its
         first pass, and the refinement for big objects), without the post-processing a whole
-        prediction would add; ``volume``: the plane is the middle one of a volume."""
+        prediction would add; ``volume``: the plane is the middle one of a volume. The last
+        2D prediction's choice when it was of this very plane with these weights."""
+        memo = getattr(self, "_zoom_memo", None)
+        if memo is not None and not volume and axes == "CYX" and memo[0] == self._plane_key(plane):
+            return memo[1], memo[2]
         job = self._plan(plane, axes, None, None, "auto", None, None, None, None, False, "torch")
         sizer = _Sizer(self, None, self.ndim, volume=volume)
         out = _memory.zeros((self.net.out_channels, *job.spatial), np.float32)
