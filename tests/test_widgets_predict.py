@@ -15,6 +15,7 @@ from conftest import capture_notifications  # noqa: E402
 from qtpy.QtCore import QThreadPool  # noqa: E402
 
 from napari_unet._widgets import _layers  # noqa: E402
+from napari_unet._widgets import _workers as workers_mod  # noqa: E402
 from napari_unet._widgets import predict as predict_mod  # noqa: E402
 from napari_unet._widgets._session import session_for  # noqa: E402
 from napari_unet._widgets.predict import PredictWidget  # noqa: E402
@@ -38,7 +39,9 @@ def nuclei():
 
 @pytest.fixture
 def messages(monkeypatch):
-    return capture_notifications(monkeypatch, predict_mod)
+    got = capture_notifications(monkeypatch, predict_mod)
+    monkeypatch.setattr(workers_mod, "show_info", got["info"].append)
+    return got
 
 
 @pytest.fixture
@@ -97,13 +100,25 @@ def test_predict_adds_and_replaces_own_layer(make_widget, qtbot, nuclei, message
     assert prob.data.shape == image.shape and prob.data.dtype == np.float32
     assert w.progress.value() == w.progress.maximum()
 
-    # re-predict: same layer objects, data replaced, no new layer, user layer unchanged
+    # re-predict, nothing edited: same layer objects, data replaced, no new layer
     n_layers = len(viewer.layers)
-    out.data = np.full_like(out.data, 77)
     run(qtbot, w)
     assert len(viewer.layers) == n_layers
     assert _layers.find_own_layer(viewer, "nuc") is out
-    assert out.data.any() and not (out.data == 77).any()
+    np.testing.assert_array_equal(user.data, truth)
+    # re-predict after the user edited the result: their layer is kept, a new one gets the
+    # result (the edits were replaced, and undo could not bring them back)
+    edited = np.asarray(out.data).copy()
+    edited[:10, :10] = 77
+    out.data = edited
+    run(qtbot, w)
+    assert not messages["error"], messages
+    assert len(viewer.layers) == n_layers + 1
+    assert out.name == "nuc [corrected]" and out.metadata["napari_unet"] is False
+    np.testing.assert_array_equal(out.data, edited)
+    new = _layers.find_own_layer(viewer, "nuc")
+    assert new is not None and new is not out and new.name.startswith("nuc [unet]")
+    assert any("kept as 'nuc [corrected]'" in m for m in messages["info"]), messages
     np.testing.assert_array_equal(user.data, truth)
 
 
@@ -163,11 +178,18 @@ def test_predict_field_of_view(make_widget, qtbot, nuclei, monkeypatch, messages
     assert not out.data[~inside].any()
     np.testing.assert_allclose(out.translate, img.translate)
     # predicting the view again keeps the rest of the layer; new ids do not collide with it
-    out.data = np.where(inside, 0, 500).astype(np.int32)
     run(qtbot, w)
-    assert _layers.find_own_layer(viewer, "nuc") is out
-    assert (out.data[~inside] == 500).all()
-    assert out.data[inside].any() and (out.data[inside & (out.data > 0)] > 500).all()
+    assert _layers.find_own_layer(viewer, "nuc") is out  # not edited: updated in place
+    # edited (outside the view here): the edited layer is kept whole, and the new layer holds
+    # the rest of it with the view predicted again
+    edited = np.where(inside, 0, 500).astype(np.int32)
+    out.data = edited
+    run(qtbot, w)
+    new = _layers.find_own_layer(viewer, "nuc")
+    assert new is not out and out.name == "nuc [corrected]"
+    np.testing.assert_array_equal(out.data, edited)
+    assert (new.data[~inside] == 500).all()
+    assert new.data[inside].any() and (new.data[inside & (new.data > 0)] > 500).all()
     assert not messages["error"], messages
 
 

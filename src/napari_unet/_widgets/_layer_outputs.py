@@ -114,11 +114,14 @@ def write_prediction(
     segmenter_task: str = "instance",
     classes: list[str] | None = None,
     probabilities: bool = False,
+    base: np.ndarray | None = None,
 ) -> Labels:
     """Create or update the plugin's labels (and probability) layers for ``request``.
 
     The labels layer is ``"<image> [unet]"``; only the plugin's own layer for that image is
-    ever replaced, and for a partial region only that region changes.
+    ever replaced, and for a partial region only that region changes. ``base``: what the rest
+    of a partial region's new layer holds when there is no own layer (the labels of the
+    layer the user's edits were kept in).
     """
     src = request.source
     region = request.region
@@ -150,7 +153,7 @@ def write_prediction(
     else:
         labels = compact_labels(
             _merge(
-                None if own is None else np.asarray(own.data),
+                base if own is None else np.asarray(own.data),
                 prediction.labels,
                 region,
                 np.int32,

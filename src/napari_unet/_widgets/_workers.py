@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.utils.notifications import show_warning
+from napari.utils.notifications import show_info, show_warning
 
 from . import _layers
 from ._jobs import (
@@ -125,6 +125,27 @@ def start_prediction(
     return task
 
 
+def keep_edited(viewer, session, req: _layers.PredictRequest):
+    """Before a new result replaces the plugin's ``"<image> [unet]"`` layer: if the user
+    changed it since the plugin wrote it (brush, eraser ...), it becomes theirs (renamed
+    ``"<image> [corrected]"``, as Train does) and the result goes to a new layer. Predicting
+    again (another diameter, or Refresh) replaced the edits without a word, and undo could
+    not bring them back. Returns the kept layer (None when nothing was kept); a partial
+    region's new layer starts from its labels."""
+    if req.region.view or req.region.to_disk:
+        return None
+    own = _layers.find_own_layer(viewer, req.source, "labels")
+    if own is None or not isinstance(own.data, np.ndarray):
+        return None
+    if session.unchanged_since_prediction(own) or not _layers.adopt_layer(own):
+        return None
+    show_info(
+        f"your edits in '{req.source} [unet]' are kept as '{own.name}'; the new prediction "
+        f"is '{req.source} [unet]'"
+    )
+    return own
+
+
 def _write_results(viewer, job: PredictJob, result, task_name, classes, probabilities) -> list:
     """The results of ``job`` as the plugin's layers (GUI thread); remembers what the user
     will correct: the prediction of a stack, the fingerprint of a 2D prediction."""
@@ -133,7 +154,11 @@ def _write_results(viewer, job: PredictJob, result, task_name, classes, probabil
     session = session_for(viewer)
     layers = []
     for i, (req, pred) in enumerate(result):
-        layer = _layers.write_prediction(viewer, req, pred, task_name, classes, probabilities)
+        kept = keep_edited(viewer, session, req)
+        base = None if kept is None or req.region.is_whole else np.asarray(kept.data)
+        layer = _layers.write_prediction(
+            viewer, req, pred, task_name, classes, probabilities, base=base
+        )
         # the labels layer (not a probability layer) is the one to correct
         viewer.layers.selection.active = layer
         if isinstance(layer.data, np.ndarray) and layer.data.ndim >= 3:
