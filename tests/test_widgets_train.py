@@ -335,3 +335,30 @@ def test_each_preview_shows_the_latest_labels_and_the_user_layers_stay(setup, nu
     _layers.write_preview(viewer, mine * 2, viewer.layers["img"])
     assert (mine == 1).all() and (np.asarray(layer.data) == 2).all()
     np.testing.assert_array_equal(truth.data, before)
+
+
+def test_a_round_that_kept_the_previous_model_saves_no_new_version(viewer_session):
+    """ "kept the previous model ...; saved as 'nuclei' v3": v2, v3 and v4 had the same
+    weights, listed as versions of their own."""
+    import torch
+
+    from napari_unet._widgets._train_plan import TrainPlan
+    from napari_unet.runs import Outcome, RunState
+
+    viewer, session = viewer_session
+    seg = Segmenter.new(base_channels=4, depth=2)
+    session.set_segmenter(seg, name="mine")
+    image, labels = make_nuclei((32, 32), seed=0)
+    plan = TrainPlan([], seg, False, [image], [labels], None, {})
+    run = plan.start(session, None)
+    assert run.save(seg) is None  # the weights the round started from: nothing saved
+    assert "mine" not in [m.name for m in session.registry.list()]
+    with torch.no_grad():
+        next(seg.net.parameters()).add_(0.1)
+    info = run.save(seg)
+    assert info is not None and info.version == 1
+    unchanged = Outcome(RunState.DONE, "3 steps", last=object())
+    assert "unchanged: no new version saved" in train_mod._words(unchanged)
+    assert "saved as 'mine' v1" in train_mod._words(
+        Outcome(RunState.DONE, "3 steps", last=object(), saved=info)
+    )

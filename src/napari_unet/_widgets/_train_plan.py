@@ -46,9 +46,14 @@ class TrainPlan:
     def start(self, session: Session, lock: threading.Lock | None) -> TrainRun:
         """The run (the lock taken): it saves into the registry under the model's current
         name (the name it had when training started)."""
+        from ..engines import weights_digest
+
         name, registry = session.model_name, session.registry
+        before = weights_digest(self.segmenter.net)
 
         def save(seg: Segmenter) -> Any:
+            if weights_digest(seg.net) == before:  # the round kept the previous model
+                return None  # a new version with the same weights only clutters the list
             return registry.save(name, seg.net.state_dict(), seg.config)
 
         return TrainRun(

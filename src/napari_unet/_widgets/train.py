@@ -419,4 +419,6 @@ def _words(outcome: Outcome) -> str:
     verb = "stopped" if outcome.stopped else "finished"
     info = outcome.saved
     saved = f"; saved as {info.name!r} v{info.version}" if info is not None else ""
+    if info is None and outcome.save_error is None:
+        saved = "; the model is unchanged: no new version saved"
     return f"training {verb}: {outcome.message}{saved}"
