@@ -282,3 +282,23 @@ def test_shipped_starter_is_listed(make_napari_viewer, tmp_path, monkeypatch):
     session_for(viewer).registry = ModelRegistry(tmp_path / "models")
     w = ModelManagerWidget(viewer)
     assert w.model_names() == ["starter: nuclei", "starter: nuclei-volumes"]
+
+
+def test_a_new_session_on_the_starter_does_not_claim_the_users_model_of_its_name(
+    make_napari_viewer, tmp_path, monkeypatch
+):
+    """A new session marked the user's trained 'nuclei' v4 as in use while it predicted with
+    the built-in starter of the same name."""
+    monkeypatch.setenv("NAPARI_UNET_HOME", str(tmp_path / "models"))
+    registry = ModelRegistry(tmp_path / "models")
+    trained = tiny(3)
+    registry.save("nuclei", trained.net.state_dict(), {**trained.config, "name": "nuclei"})
+    viewer = make_napari_viewer()
+    session = session_for(viewer)
+    session.registry = registry
+    w = ModelManagerWidget(viewer)
+    assert session._auto and session.model_name == "nuclei"  # the built-in starter
+    text = w.in_use_label.text()
+    assert "built-in starter" in text and "not loaded" in text, text
+    assert row_text(w, "starter: nuclei")[0].startswith("●")
+    assert not row_text(w, "nuclei")[0].startswith("●")

@@ -263,8 +263,15 @@ class ModelManagerWidget(ModelActions, ModelFiles, QWidget):
         return [i.version for i in self._versions]
 
     def _in_use_key(self) -> tuple[bool, str] | None:
-        """Which row is the session's model: the registry model of that name, else the starter."""
+        """Which row is the session's model: the shipped starter while the session holds the
+        one it picked itself (a registry model may share its name: a new session marked the
+        user's trained 'nuclei' v4 as in use while it predicted with the starter), else the
+        registry model of that name, else the starter."""
         name = self.session.model_name
+        if getattr(self.session, "_auto", False) and any(
+            e.starter and e.name == name for e in self._entries
+        ):
+            return (True, name)
         if any(not e.starter and e.name == name for e in self._entries):
             return (False, name)
         if any(e.starter and e.name == name for e in self._entries):
@@ -332,6 +339,11 @@ class ModelManagerWidget(ModelActions, ModelFiles, QWidget):
         name = self.session.model_name
         saved = "" if in_use is not None else " – not saved"
         starter_tag = " (starter)" if in_use is not None and in_use[0] else ""
+        if starter_tag and any(not e.starter and e.name == name for e in entries):
+            starter_tag = (
+                f" (the built-in starter; your trained '{name}' is not loaded: select it and "
+                "press Load to go on from it)"
+            )
         self.in_use_label.setText(f"in use: {name}{starter_tag}{seg_text}{saved}")
 
         kept = fill_models(self.table, entries, in_use, prev_key)
