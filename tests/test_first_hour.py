@@ -109,6 +109,8 @@ def test_train_refuses_an_uncorrected_2d_prediction(loop, qtbot, messages):
     assert train.shapes_combo.value() is None
     assert train.train() is None
     assert any("nothing in 'img [unet]' was corrected" in m for m in messages["error"]), messages
+    # in the status line too (it said "idle"; the notification was cut after a few words)
+    assert train.status_label.text().startswith("not started: nothing in 'img [unet]'")
     assert out.name == "img [unet]" and not session.registry.list()
     assert not session.training_lock.locked()
     # corrected regions do not make an uncorrected prediction a correction

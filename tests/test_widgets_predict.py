@@ -226,6 +226,8 @@ def test_bad_input_gives_messages(make_widget, qtbot, nuclei, messages):
     viewer, w = make_widget()
     w.predict()  # no image at all
     assert messages["error"] and "image" in messages["error"][-1]
+    # said where it stays: the notification alone was cut after a few words
+    assert w.status_label.text().startswith("not started: no image layer to segment")
 
     bad = nuclei[0].astype(np.float32)
     bad[3, 4] = np.nan

@@ -175,7 +175,7 @@ class PredictWidget(QWidget):
             return None
         layer = self.image_combo.value()
         if layer is None:
-            show_error("no image layer to segment: open or choose an image first")
+            self._refuse("no image layer to segment: open or choose an image first")
             return None
         try:
             seg = self.session.segmenter_for(_layers.is_volume(layer, self.viewer))
@@ -189,11 +189,11 @@ class PredictWidget(QWidget):
                 channels=self.extra_channels(layer, seg),
             )
         except ValueError as e:
-            show_error(str(e))
+            self._refuse(str(e))
             return None
         except Exception as e:  # noqa: BLE001 - never an uncaught traceback
             logger.exception("napari-unet: cannot prepare the prediction")
-            show_error(user_message(e))
+            self._refuse(user_message(e))
             return None
         if self.diameter_box.value() > 0:
             factor = request.region.factor  # a coarser level of a multiscale layer
@@ -270,6 +270,12 @@ class PredictWidget(QWidget):
             self.channel_list.disconnect_viewer()
         except Exception:  # noqa: BLE001 - the viewer may already be torn down
             pass
+
+    def _refuse(self, message: str) -> None:
+        """A click that cannot start: said in the widget's status line (a notification alone
+        was cut after a few words and went away) and as a notification."""
+        self.status_label.setText(f"not started: {message}")
+        show_error(message)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
         self.shutdown()

@@ -187,7 +187,7 @@ class TrainWidget(QWidget):
                 run.finish()  # never started: its lock released
             if not isinstance(e, ValueError):
                 logger.exception("napari-unet: cannot prepare the training")
-            show_error(user_message(e))
+            self._refuse(user_message(e))
             return None
         self._begin(plan, run, task)
         task.start()
@@ -343,13 +343,13 @@ class TrainWidget(QWidget):
         images = [ref() for ref in self._trained]
         images = [im for im in images if im is not None and im in self.viewer.layers]
         if not images:
-            show_error("the trained image layers are gone: nothing to predict")
+            self._refuse("the trained image layers are gone: nothing to predict")
             return None
         seg = self.session.segmenter
         try:
             requests = [_layers.make_request(self.viewer, im, seg) for im in images]
         except ValueError as e:
-            show_error(str(e))
+            self._refuse(str(e))
             return None
         self._refresh_task = start_prediction(
             self.viewer,
@@ -406,6 +406,12 @@ class TrainWidget(QWidget):
         except Exception:  # noqa: BLE001 - the viewer may already be torn down
             pass
         self.data_box.disconnect_viewer()
+
+    def _refuse(self, message: str) -> None:
+        """A click that cannot start: said in the widget's status line (a notification alone
+        was cut after a few words and went away) and as a notification."""
+        self.status_label.setText(f"not started: {message}")
+        show_error(message)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
         self.shutdown()
