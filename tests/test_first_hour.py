@@ -261,3 +261,40 @@ def test_round_trip_predict_correct_train_stop_refresh(loop, qtbot, messages):
     assert "prediction refreshed" in train.status_label.text()
     np.testing.assert_array_equal(out.data, corrected)
     assert not messages["error"], messages
+
+
+def test_refresh_carries_the_corrected_regions_into_the_new_prediction(loop, qtbot, messages):
+    """Round 2 as the guide says it (correct a new region, add a rectangle to the same Shapes
+    layer) trained on the refreshed prediction inside the first rectangle as if corrected,
+    and the corrections were split over two layers."""
+    viewer, predict, train, session = loop
+    run_predict(qtbot, predict)
+    out = viewer.layers["img [unet]"]
+    corrected = np.array(out.data)
+    corrected[4:20, 4:20] = 0
+    corrected[6:16, 6:16] = int(corrected.max()) + 1  # one object drawn by the user
+    out.data = corrected
+    shapes = viewer.add_shapes(
+        [np.array([[2, 2], [2, 22], [22, 22], [22, 2]])], shape_type="rectangle", name="done"
+    )
+    train.shapes_combo.set_value(shapes)
+    train.labels_combo.set_value(out)
+    assert train.train() is not None
+    qtbot.waitUntil(lambda: train.state.value in (State.DONE, State.FAILED), timeout=30_000)
+    assert train.state.value == State.DONE, messages
+    assert out.name == "img [corrected]"
+    assert train.refresh_prediction() is not None
+    qtbot.waitUntil(lambda: not train.refreshing, timeout=20_000)
+    fresh = _layers.find_own_layer(viewer, "img")
+    assert fresh is not None and fresh is not out
+    assert "corrected regions were carried into it" in train.status_label.text()
+    mask = _layers.shapes_to_mask(shapes, fresh)
+    # inside the rectangle: the user's objects (renumbered), no object of the prediction
+    got, want = np.asarray(fresh.data)[mask], corrected[mask]
+    assert ((got > 0) == (want > 0)).all()
+    assert len(np.unique(got[got > 0])) == len(np.unique(want[want > 0]))
+    np.testing.assert_array_equal(out.data, corrected)  # the corrected layer untouched
+    # nothing corrected since the refresh: Train is refused as before
+    train.labels_combo.set_value(fresh)
+    assert train.train() is None
+    assert not messages["error"][:-1], messages

@@ -17,7 +17,14 @@ if TYPE_CHECKING:
 
     from ..segmenter import Prediction
 
-from ._layers import PLUGIN_KEY, PREVIEW_NAME, PredictRequest, Region, spatial_shape
+from ._layers import (
+    PLUGIN_KEY,
+    PREVIEW_NAME,
+    PredictRequest,
+    Region,
+    labels_digest,
+    spatial_shape,
+)
 
 
 # ----------------------------------------------------------------------------- output layers
@@ -313,4 +320,29 @@ def adopt_layer(layer: Labels) -> bool:
     src = md.get("source", layer.name)
     layer.metadata = {**md, PLUGIN_KEY: False, "adopted_from": "napari-unet prediction"}
     layer.name = f"{src} [corrected]"
+    return True
+
+
+def carry_corrections(session, layer, corrected, mask) -> bool:
+    """Put the user's corrections (``corrected``'s labels inside ``mask``, the corrected
+    regions a round trained on) into ``layer``, the refreshed prediction of the same image:
+    the prediction's objects that reach into the regions give way there, the corrections
+    take new ids. Returns whether it did (numpy layers of one shape only)."""
+    if corrected is None or corrected is layer or mask is None:
+        return False
+    new, old = layer.data, getattr(corrected, "data", None)
+    if not (isinstance(new, np.ndarray) and isinstance(old, np.ndarray)):
+        return False
+    if new.shape != old.shape or np.shape(mask) != new.shape:
+        return False
+    merged = np.array(new, dtype=np.int64)
+    merged[mask] = 0
+    inside = np.asarray(old)[mask].astype(np.int64)
+    top = int(merged.max())
+    merged[mask] = np.where(inside > 0, inside + top, 0)
+    layer.data = compact_labels(merged.astype(np.int32))
+    # what the plugin wrote: a Train with nothing corrected since is refused as before
+    session.remember_digest(layer, labels_digest(layer.data))
+    if layer.data.ndim >= 3:
+        session.remember_prediction(layer, layer.data)
     return True

@@ -51,6 +51,7 @@ __all__ = [
     "shapes_to_mask",
     "visible_world_corners",
     "adopt_layer",
+    "carry_corrections",
 ]
 
 PLUGIN_KEY = "napari_unet"
@@ -534,6 +535,7 @@ from ._layer_outputs import (  # noqa: E402, F401
     _merge,
     _put_layer,
     adopt_layer,
+    carry_corrections,
     compact_labels,
     ensure_preview,
     find_own_layer,

@@ -68,6 +68,7 @@ class TrainWidget(QWidget):
         self._plan: TrainPlan | None = None
         self._refresh_task: Task | None = None
         self._trained: list[weakref.ref] = []
+        self._corrected: list = []  # (weak ref to a trained labels layer, its mask) per pair
         self._trained_volume = False  # the last training's images held a Z stack
         self._closed = False
         self.previews_shown = 0  # previews drawn in the current/last training
@@ -214,6 +215,12 @@ class TrainWidget(QWidget):
         self._run, self._task, self._plan = run, task, plan
         run.status.events.connect(self._status_relay.relay)  # step, loss, score ...
         self._trained = [weakref.ref(im) for im, _ in plan.pairs]
+        # the corrected regions of each pair, carried into the refreshed prediction
+        masks = plan.masks if plan.masks is not None else [None] * len(plan.pairs)
+        self._corrected = [
+            (weakref.ref(lab), m) if m is not None else None
+            for (_, lab), m in zip(plan.pairs, masks, strict=True)
+        ]
         self._trained_volume = "Z" in plan.options["axes"]  # the axes the plan settled
         self.last_progress = None
         self.previews_shown = 0
@@ -367,10 +374,20 @@ class TrainWidget(QWidget):
         return self._refresh_task
 
     def _on_refreshed(self, layers: list) -> None:
-        if not self._closed and self._refresh_task is not None:
-            self.status_label.setText(
-                "prediction refreshed: " + describe_result(self._refresh_task.job, layers)
-            )
+        if self._closed or self._refresh_task is None:
+            return
+        carried = 0
+        for layer, entry in zip(layers, getattr(self, "_corrected", []), strict=False):
+            if entry is not None and _layers.carry_corrections(
+                self.session, layer, entry[0](), entry[1]
+            ):
+                carried += 1
+        text = "prediction refreshed: " + describe_result(self._refresh_task.job, layers)
+        if carried:
+            # otherwise the next round's rectangles covered the refreshed prediction, trained on
+            # as if corrected, and the corrections were spread over two layers
+            text += "; your corrected regions were carried into it"
+        self.status_label.setText(text)
 
     def _on_refresh_finished(self) -> None:
         self._refresh_task = None
