@@ -245,6 +245,7 @@ def test_round_trip_predict_correct_train_stop_refresh(loop, qtbot, messages):
     assert train.state.value == State.DONE, messages
     outcome = task.job.outcome
     assert outcome.stopped and outcome.saved is not None and not session.training_lock.locked()
+    assert train.progress.format() == "stopped at %p%"  # not a bare "4%" as if under way
     assert any(
         m.startswith("training stopped:") and "saved as 'tiny'" in m for m in messages["info"]
     ), messages
@@ -259,6 +260,7 @@ def test_round_trip_predict_correct_train_stop_refresh(loop, qtbot, messages):
     fresh = _layers.find_own_layer(viewer, "img")
     assert fresh is not None and fresh is not out and fresh.data.shape == (64, 64)
     assert "prediction refreshed" in train.status_label.text()
+    assert train.progress.format() == "%p%"
     np.testing.assert_array_equal(out.data, corrected)
     assert not messages["error"], messages
 

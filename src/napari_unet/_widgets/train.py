@@ -227,6 +227,7 @@ class TrainWidget(QWidget):
         task.worker.yielded.connect(self._on_yield)
         task.on_finished(self._on_train_finished)
         self.progress.setValue(0)
+        self.progress.setFormat("%p%")
         self.curve.show_val = plan.options.get("val_fraction", 0.0) > 0
         self.curve.clear()
         threads = plan.options.get("num_threads") or 1
@@ -326,8 +327,8 @@ class TrainWidget(QWidget):
         message = _words(outcome)
         last = outcome.last
         if self._trained_volume and last is not None and last.step > 0:
-            # volume rounds are never guarded. Measured: a 30 s round on half a generated
-            # volume lowered the other half on 5 of 12 volumes (pooled it rose 0.665 -> 0.723)
+            # volume rounds are never guarded (they keep 3/4 of their change). Measured: 30 s
+            # rounds on half volumes still lowered the other half on 2-3 of 14 (docs/benchmarks)
             message += (
                 "; a round on a Z stack is not checked on corrections it did not train on: "
                 "if the refreshed prediction is worse, load the previous version in Models"
@@ -336,6 +337,8 @@ class TrainWidget(QWidget):
             message += f" (note: {self.monitor.note})"
         if not outcome.stopped:
             self.progress.setValue(1000)
+        else:  # how far it got, said as such (a bare "4%" looked like a training under way)
+            self.progress.setFormat("stopped at %p%")
         self.status_label.setText(message)
         show_info(message)
         self.state.value = State.DONE
@@ -358,6 +361,7 @@ class TrainWidget(QWidget):
         except ValueError as e:
             self._refuse(str(e))
             return None
+        self.progress.setFormat("%p%")
         self._refresh_task = start_prediction(
             self.viewer,
             seg,
