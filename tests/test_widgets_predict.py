@@ -99,6 +99,7 @@ def test_predict_adds_and_replaces_own_layer(make_widget, qtbot, nuclei, message
     assert prob is not None and prob.name == "nuc [unet prob]"
     assert prob.data.shape == image.shape and prob.data.dtype == np.float32
     assert w.progress.value() == w.progress.maximum()
+    assert "the model is untrained" in w.status_label.text()  # not "correct it" alone
 
     # re-predict, nothing edited: same layer objects, data replaced, no new layer
     n_layers = len(viewer.layers)

@@ -227,7 +227,13 @@ class PredictWidget(QWidget):
         if self._closed or self._task is None:
             return
         text = describe_result(self._task.job, layers)
-        if layers:
+        if layers and not self._task.job.segmenter.config.get("history"):
+            # "0 objects, correct it with the brush" left a first user to guess why
+            text += (
+                " — the model is untrained: its result means nothing yet; correct the labels "
+                "(or load labelled ones) and press Train"
+            )
+        elif layers:
             text += " — correct it with the brush, then Train"
         self.status_label.setText(text)
         show_info(text)
