@@ -300,3 +300,16 @@ def test_refresh_carries_the_corrected_regions_into_the_new_prediction(loop, qtb
     train.labels_combo.set_value(fresh)
     assert train.train() is None
     assert not messages["error"][:-1], messages
+
+
+def test_every_button_and_option_says_what_it_does(loop):
+    _, predict, train, _ = loop
+    o = train.options_box
+    controls = [
+        predict.predict_button, predict.cancel_button, predict.device_combo,
+        predict.scope_combo, predict.engine_combo, predict.diameter_box,
+        train.train_button, train.stop_button, train.refresh_button, o.seconds_spin,
+        o.steps_spin, o.lr_edit, o.from_current_check, o.val_check, o.preview_spin,
+        o.threads_spin, o.device_combo,
+    ]  # fmt: skip
+    assert [c for c in controls if not c.toolTip().strip()] == []

@@ -207,6 +207,21 @@ class TrainOptionsBox(QGroupBox):
         )
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
+        for w, tip in (
+            (self.seconds_spin, "how long the round trains (the checks after it add a second "
+             "or two)"),
+            (self.steps_spin, "or how many steps; with both, whichever comes first"),
+            (self.lr_edit, "leave empty: the rate is chosen from how much you corrected"),
+            (self.from_current_check, "fine-tune the model in use (unticked: a new, untrained "
+             "model of the same size)"),
+            (self.val_check, "keep part of the labels out of training to report a validation "
+             "score while it trains"),
+            (self.preview_spin, "how often the preview layer shows the model's current "
+             "prediction (off: never)"),
+            (self.device_combo, "where the network trains: auto = CUDA, then Apple MPS, then "
+             "CPU"),
+        ):  # fmt: skip
+            w.setToolTip(tip)
         # the CPU use of other programs, read every second (no wait at the Train click)
         self._busy = BusyWatch()
         self._busy_timer = QTimer(self)

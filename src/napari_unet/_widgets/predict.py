@@ -96,6 +96,16 @@ class PredictWidget(QWidget):
         )
         self.predict_button = QPushButton("Predict")
         self.cancel_button = QPushButton("Cancel")
+        for w, tip in (
+            (self.device_combo, "where the network runs: auto = CUDA, then Apple MPS, then CPU"),
+            (self.scope_combo, "what to segment: the whole layer, the slice shown, or the part "
+             "of it in view (fast, to try settings)"),
+            (self.probs_check, "also add the class probabilities as image layers"),
+            (self.predict_button, "segment the chosen image into '<image> [unet]'; edited "
+             "results are kept as '<image> [corrected]'"),
+            (self.cancel_button, "stop the prediction; no layer changes"),
+        ):  # fmt: skip
+            w.setToolTip(tip)
         self.progress = progress_bar()
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)

@@ -111,6 +111,14 @@ class TrainWidget(QWidget):
         self.train_button = QPushButton("Train")
         self.stop_button = QPushButton("Stop")
         self.refresh_button = QPushButton("Refresh prediction")
+        self.train_button.setToolTip(
+            "fine-tune the model on your corrections; it is saved as a new version when it "
+            "changed"
+        )
+        self.stop_button.setToolTip("end the round after the step under way; it is checked, kept")
+        self.refresh_button.setToolTip(
+            "predict the trained image(s) again with the new model, into a new '<image> [unet]'"
+        )
         self.refresh_button.setToolTip("predict the trained image(s) again with the new model")
         self.progress = progress_bar()
         self.status_label = QLabel("idle")
