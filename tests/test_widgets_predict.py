@@ -473,3 +473,17 @@ def test_the_compiled_watershed_is_loaded_when_the_plugin_starts(monkeypatch):
     monkeypatch.setattr(pp, "_kernel", [])
     _session._freeze_startup_objects()
     assert pp._kernel, "the kernel was not looked for at the plugin's start"
+
+
+def test_a_few_plane_stack_is_said_to_be_taken_as_planes(make_widget, qtbot, nuclei, messages):
+    """A (3, Y, X) file of 3 channels was segmented as a 3-plane stack without a word."""
+    viewer, w = make_widget()
+    image = np.stack([nuclei[0]] * 3)
+    w.image_combo.set_value(viewer.add_image(image, name="three"))
+    run(qtbot, w)
+    assert any("stack of 3 planes" in m and "Split Stack" in m for m in messages["info"])
+    big = np.stack([nuclei[0]] * 8)
+    messages["info"].clear()
+    w.image_combo.set_value(viewer.add_image(big, name="eight"))
+    run(qtbot, w)
+    assert not any("planes (Z)" in m for m in messages["info"])

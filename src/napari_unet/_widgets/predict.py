@@ -212,6 +212,14 @@ class PredictWidget(QWidget):
         request.engine = self.engine_combo.currentText()
         for note in request.notes:
             show_info(note)
+        planes = dict(zip(request.axes, np.shape(request.data), strict=False)).get("Z", 0)
+        if 1 < planes <= 4 and not getattr(layer, "rgb", False):
+            # a (3, Y, X) file of 3 channels was segmented as a 3-plane stack without a word
+            show_info(
+                f"{layer.name!r} is segmented as a stack of {planes} planes (Z); if its first "
+                "axis holds channels, split it (right-click the layer > Split Stack) and "
+                "segment the nuclei channel"
+            )
         self.status_label.setText(f"predicting {layer.name!r} ...")
         self._task = start_prediction(
             self.viewer,
