@@ -82,6 +82,24 @@ def test_launcher_fits_768_and_leaves_the_image_active(make_napari_viewer, qtbot
     assert viewer.layers["dsb2018"].data.shape == (256, 320)
 
 
+def test_widgets_opened_from_the_plugins_menu_go_into_tabs(make_napari_viewer, qtbot):
+    """One above the other (the Plugins menu's way) they hid the Predict button and Train's
+    options below scrollbars at 1366x768."""
+    viewer = make_napari_viewer(show=True)
+    docks = []
+    for name in _launch.WIDGETS:  # as the Plugins menu opens them, one by one
+        dock, _ = viewer.window.add_plugin_dock_widget("napari-unet", name)
+        docks.append(dock)
+        QApplication.processEvents()
+    qt_window = viewer.window._qt_window
+    assert set(qt_window.tabifiedDockWidgets(docks[0])) == set(docks[1:])
+    assert qt_window.minimumSizeHint().height() <= 768 - 40
+    # a dock the user floats or moves is left where it is
+    docks[2].setFloating(True)
+    QApplication.processEvents()
+    assert not _launch.tab_with_siblings(docks[2].widget())
+
+
 # ----------------------------------------------------------------------------- item 1
 def test_train_follows_the_prediction_and_a_new_shapes_layer(loop, qtbot, messages):
     viewer, predict, train, _ = loop

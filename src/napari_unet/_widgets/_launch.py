@@ -38,6 +38,41 @@ def dock_widgets(viewer: napari.Viewer) -> list:
     return docks
 
 
+#: the objectName every plugin widget carries, for :func:`tab_with_siblings`
+WIDGET_NAME = "napari-unet-widget"
+
+
+def tab_with_siblings(widget) -> bool:
+    """Put ``widget``'s dock in tabs with the plugin's other docks of the same side.
+
+    The Plugins menu docks each widget one above the other: at 1366x768 that hid the Predict
+    button and Train's options below scrollbars. Called when a widget is first shown; Qt's
+    own ``QMainWindow.tabifyDockWidget``. Returns whether it tabified."""
+    from qtpy.QtWidgets import QDockWidget, QMainWindow, QWidget
+
+    dock = widget.parent()
+    while dock is not None and not isinstance(dock, QDockWidget):
+        dock = dock.parent()
+    main = dock.parent() if dock is not None else None
+    if not isinstance(main, QMainWindow) or dock.isFloating():
+        return False
+    area = main.dockWidgetArea(dock)
+    others = [
+        d
+        for d in main.findChildren(QDockWidget)
+        if d is not dock
+        and not d.isFloating()
+        and main.dockWidgetArea(d) == area
+        and d.findChild(QWidget, WIDGET_NAME) is not None
+    ]
+    if not others or any(d in main.tabifiedDockWidgets(dock) for d in others):
+        return False
+    main.tabifyDockWidget(others[0], dock)
+    dock.show()
+    dock.raise_()
+    return True
+
+
 def fit_screen(viewer: napari.Viewer) -> None:
     """Shrink the window to the screen's free area (it never grows past it)."""
     qt_window = viewer.window._qt_window

@@ -89,6 +89,7 @@ class ModelManagerWidget(ModelActions, ModelFiles, QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
+        self.setObjectName("napari-unet-widget")  # _launch.tab_with_siblings
         viewer = _layers.unwrap_viewer(napari_viewer)
         # only a weak link to the viewer: this widget may be referenced after the viewer closed
         # (tests, scripts) and must not keep the viewer's Qt objects alive
@@ -210,6 +211,14 @@ class ModelManagerWidget(ModelActions, ModelFiles, QWidget):
             self.session.model_changed.disconnect(self._on_model_changed)
         except Exception:  # noqa: BLE001 - already disconnected
             pass
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+        super().showEvent(event)
+        if not getattr(self, "_tabbed", False):  # once: the user may arrange the docks later
+            self._tabbed = True
+            from ._launch import tab_with_siblings
+
+            tab_with_siblings(self)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
         self.shutdown()
