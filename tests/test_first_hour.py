@@ -331,3 +331,21 @@ def test_every_button_and_option_says_what_it_does(loop):
         o.threads_spin, o.device_combo,
     ]  # fmt: skip
     assert [c for c in controls if not c.toolTip().strip()] == []
+
+
+def test_the_status_says_the_round_is_being_prepared_before_its_first_step(loop):
+    from types import SimpleNamespace
+
+    _, _, train, _ = loop
+    status = SimpleNamespace(fraction=0.0, step=0, loss=None, val_score=None, patches_per_s=0.0)
+    train._run = SimpleNamespace(status=status)
+    train.state.value = State.TRAINING
+    try:
+        train._show_progress()
+        assert train.status_label.text().startswith("preparing the round")  # not "step 0"
+        status.step, status.loss, status.patches_per_s = 3, 0.5, 40.0
+        train._show_progress()
+        assert train.status_label.text().startswith("step 3  loss 0.5000")
+    finally:
+        train._run = None
+        train.state.value = State.IDLE

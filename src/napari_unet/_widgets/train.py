@@ -282,6 +282,10 @@ class TrainWidget(QWidget):
         try:
             self.progress.setValue(int(round(1000 * st.fraction)))
             text = f"step {st.step}"
+            if st.step == 0 and st.loss is None:
+                # before the first step the round checks the corrections and predicts the
+                # image once (about a second); "step 0" alone looked stuck
+                text = "preparing the round: reading the corrections, scoring the model ..."
             if st.loss is not None:
                 text += f"  loss {st.loss:.4f}  {st.patches_per_s:.1f} patches/s"
             if st.val_score is not None:
