@@ -349,3 +349,26 @@ def test_the_status_says_the_round_is_being_prepared_before_its_first_step(loop)
     finally:
         train._run = None
         train.state.value = State.IDLE
+
+
+def test_edits_are_known_from_napari_events_without_hashing_big_layers(loop, monkeypatch):
+    """Hashing 8192x8192 labels took 0.15 s on the GUI thread at every prediction."""
+    from napari_unet._widgets import _session as session_mod
+
+    viewer, _, _, session = loop
+    layer = viewer.add_labels(np.zeros((64, 64), np.int32), name="written")
+    session.remember_digest(layer, _layers.labels_digest(layer.data))
+    assert session.unchanged_since_prediction(layer)
+    layer.data[0, 0] = 5  # in place, no event: a small layer is compared
+    assert not session.unchanged_since_prediction(layer)
+    layer.data = np.zeros((64, 64), np.int32)
+    session.remember_digest(layer, _layers.labels_digest(layer.data))
+    monkeypatch.setattr(session_mod, "HASH_PIXELS", 100)  # now a "big" layer
+
+    def no_hash(*a, **k):
+        raise AssertionError("a big layer was hashed")
+
+    monkeypatch.setattr(_layers, "labels_digest", no_hash)
+    assert session.unchanged_since_prediction(layer)
+    layer.paint((10, 10), 3)  # the brush: napari's paint event
+    assert not session.unchanged_since_prediction(layer)

@@ -53,6 +53,8 @@ class Session:
         self._snapshots: dict[int, tuple[weakref.ref, Any]] = {}
         # id(layer) -> (weak ref, labels_digest of what the plugin wrote): 2D layers, no copy
         self._digests: dict[int, tuple[weakref.ref, str]] = {}
+        # id(layer) -> (weak ref, whether napari reported an edit since the plugin wrote it)
+        self._edited: dict[int, tuple[weakref.ref, bool]] = {}
 
     @property
     def segmenter(self) -> Segmenter:
@@ -102,6 +104,7 @@ class Session:
         """
         self._snapshots = {k: v for k, v in self._snapshots.items() if v[0]() is not None}
         self._snapshots[id(layer)] = (weakref.ref(layer), np.array(labels, copy=True))
+        self._watch(layer)
 
     def prediction_snapshot(self, layer):
         """What the plugin last wrote into ``layer`` (None when it did not write it)."""
@@ -115,11 +118,41 @@ class Session:
         self._digests = {k: v for k, v in self._digests.items() if v[0]() is not None}
         if digest is not None:
             self._digests[id(layer)] = (weakref.ref(layer), digest)
+        self._watch(layer)
+
+    def _watch(self, layer) -> None:
+        """From now on, napari's edit events on ``layer`` (the brush, fill and eraser:
+        ``paint``; a new array: ``data``) mark it edited; what the plugin just wrote is not."""
+        self._edited = {k: v for k, v in self._edited.items() if v[0]() is not None}
+        known = self._edited.get(id(layer))
+        self._edited[id(layer)] = (weakref.ref(layer), False)
+        if known is not None and known[0]() is layer:
+            return  # connected already
+        ref, key = weakref.ref(layer), id(layer)
+
+        def edited(event=None) -> None:
+            if key in self._edited and self._edited[key][0]() is ref():
+                self._edited[key] = (ref, True)
+
+        for name in ("paint", "data"):
+            emitter = getattr(layer.events, name, None)
+            if emitter is not None:
+                emitter.connect(edited)
 
     def unchanged_since_prediction(self, layer) -> bool:
-        """True when ``layer`` holds exactly what the plugin's last prediction wrote into it."""
+        """True when ``layer`` holds exactly what the plugin's last prediction wrote into it.
+
+        A layer napari says was edited is not; a big one (over :data:`HASH_PIXELS`) napari
+        says nothing of is taken as unchanged without reading it (hashing 8192x8192 labels
+        took 0.15 s on the GUI thread at every prediction); smaller ones are compared."""
         from ._layers import labels_digest
 
+        flag = self._edited.get(id(layer))
+        if flag is not None and flag[0]() is layer:
+            if flag[1]:
+                return False
+            if getattr(layer.data, "size", 0) > HASH_PIXELS:
+                return True
         entry = self._digests.get(id(layer))
         if entry is None or entry[0]() is not layer:
             ref = self.prediction_snapshot(layer)
@@ -134,6 +167,10 @@ class Session:
         if self._segmenter is not None:
             self.model_changed.emit(self._segmenter)
 
+
+#: labels layers up to this many pixels are compared with what the plugin wrote (37 ms at
+#: 4096x4096); bigger ones are taken as edited only when napari said so (paint, new data)
+HASH_PIXELS = 1 << 24
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
