@@ -341,7 +341,7 @@ class ModelManagerWidget(ModelActions, ModelFiles, QWidget):
 
         try:
             seg = self.session.segmenter  # creates the default model on first use
-            seg_text = f" ({seg.task}, {seg.in_channels} channel(s), {seg.ndim}D)"
+            seg_text = f" ({seg.task}, {seg.in_channels} channel(s), {seg.ndim}D network)"
         except Exception as e:  # noqa: BLE001 - shown, not raised
             seg_text = f" (cannot be built: {user_message(e)})"
         in_use = self._in_use_key()

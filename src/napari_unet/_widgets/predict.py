@@ -54,7 +54,9 @@ def _not_plugin_output(layer) -> bool:
 
 
 def describe_model(name: str, seg: Segmenter) -> str:
-    nd = f"{seg.ndim}D"
+    # "2D network": a bare "2D" beside nuclei-volumes, the volume starter, read as a mistake
+    # (its network is 2D, applied plane by plane and assembled in 3D)
+    nd = f"{seg.ndim}D network"
     return f"{name}  ({seg.task}, {seg.in_channels} channel(s), {nd})"
 
 
