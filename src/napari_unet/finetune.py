@@ -158,6 +158,10 @@ def finetune(
 
     try:
         for last in gen:
+            if last.done:
+                # the training's thread limit (1 thread in the Train widget) ends with it: the
+                # checks below use the cores the process has, as after a Stop
+                gen.close()
             if last.done and guard is not None:
                 last.reason += judged()
             elif last.done and vblend and last.step:
