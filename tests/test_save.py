@@ -231,3 +231,18 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
     for f in (tmp_path / "m").iterdir():
         assert f.stat().st_mode & 0o777 == 0o644, f
     assert (tmp_path / "one.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_every_save_refuses_weights_that_are_not_finite(tmp_path):
+    """The Train widget saves through the registry, not Segmenter.save: a diverged round
+    would have been saved as a version that load refuses."""
+    from napari_unet.store import ModelRegistry
+
+    bad = {"w": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(ValueError, match="NaN or infinite values \\(tensor 'w'"):
+        save_model(tmp_path / "m", bad, {})
+    assert not (tmp_path / "m").exists()
+    registry = ModelRegistry(tmp_path / "registry")
+    with pytest.raises(ValueError, match="NaN"):
+        registry.save("mine", bad, {"name": "mine"})
+    assert "mine" not in [m.name for m in registry.list()]

@@ -160,6 +160,21 @@ def _missing(where: str, field: str, expected: str) -> PackageError:
     return PackageError(f"{where}: rdf.yaml: {field!r} is missing (it must be {expected})")
 
 
+def _typed(
+    d: dict[str, Any], key: str, where: str, at: str, kind: type, expected: str, default: Any,
+    required: bool,
+) -> Any:  # fmt: skip
+    """``d[key]`` if it is a ``kind``; ``default`` when absent or null, unless ``required``."""
+    value = d.get(key)
+    if value is None:
+        if required:
+            raise _missing(where, _at(at, key), expected)
+        return default
+    if not isinstance(value, kind):
+        raise _bad(where, _at(at, key), expected, value)
+    return value
+
+
 def _mapping(
     d: dict[str, Any],
     key: str,
@@ -170,14 +185,7 @@ def _mapping(
     expected: str = "a mapping",
 ) -> dict[str, Any]:
     """``d[key]`` as a mapping (empty when absent or null, unless ``required``)."""
-    value = d.get(key)
-    if value is None:
-        if required:
-            raise _missing(where, _at(at, key), expected)
-        return {}
-    if not isinstance(value, dict):
-        raise _bad(where, _at(at, key), expected, value)
-    return value
+    return _typed(d, key, where, at, dict, expected, {}, required)
 
 
 def _mappings(d: dict[str, Any], key: str, where: str, at: str = "") -> list[dict[str, Any]]:
@@ -203,14 +211,7 @@ def _str(
     required: bool = False,
 ) -> str | None:
     """``d[key]`` as a string (``default`` when absent or null, unless ``required``)."""
-    value = d.get(key)
-    if value is None:
-        if required:
-            raise _missing(where, _at(at, key), "a string")
-        return default
-    if not isinstance(value, str):
-        raise _bad(where, _at(at, key), "a string", value)
-    return value
+    return _typed(d, key, where, at, str, "a string", default, required)
 
 
 def _int(

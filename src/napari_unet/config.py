@@ -296,8 +296,6 @@ def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
 def check_weights(arch: Architecture, state: dict[str, Any], source: Any) -> None:
     """Refuse weights whose names or shapes differ from the architecture (before building it),
     weights that are not floating point, and weights that are not finite."""
-    import torch
-
     from .format import ModelFileError
 
     want = expected_shapes(arch)
@@ -325,11 +323,23 @@ def check_weights(arch: Architecture, state: dict[str, Any], source: Any) -> Non
                 f"{source}: tensor {k!r} is {str(v.dtype).replace('torch.', '')}; the network "
                 f"needs {'an integer count' if counter else 'floating-point weights'} there"
             )
-        if not counter and not bool(torch.isfinite(v).all()):
-            raise ModelFileError(
-                f"{source}: tensor {k!r} holds NaN or infinite values: the model file is "
-                "damaged (or was saved from a diverged training); use another copy"
-            )
+    bad = nonfinite_tensor(state)
+    if bad is not None:
+        raise ModelFileError(
+            f"{source}: tensor {bad!r} holds NaN or infinite values: the model file is "
+            "damaged (or was saved from a diverged training); use another copy"
+        )
+
+
+def nonfinite_tensor(state: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` holding NaN or inf, or None
+    (checked at load, :func:`check_weights`, and before a save, ``Segmenter.save``)."""
+    import torch
+
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return k
+    return None
 
 
 # --------------------------------------------------------------------------- options

@@ -91,6 +91,14 @@ def prepare_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         if value.is_sparse or value.layout != torch.strided:
             value = value.to_dense()
         out[key] = value.detach().to("cpu").contiguous().clone()
+    from .config import nonfinite_tensor
+
+    bad = nonfinite_tensor(out)
+    if bad is not None:  # every save (Segmenter.save, the registry): load would refuse it
+        raise ValueError(
+            f"will not save weights holding NaN or infinite values (tensor {bad!r}; did the "
+            "training diverge?): load the last saved version instead"
+        )
     return out
 
 

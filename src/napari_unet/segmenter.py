@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import hashlib
 import logging
 import math
 import os
@@ -208,22 +207,15 @@ class Segmenter:
         """Save weights (safetensors) and config (JSON) atomically; returns the path.
 
         Refused before anything is written: a config :meth:`load` would refuse (it would
-        replace a good model by one that cannot be loaded) and weights that are not finite
-        (a diverged training)."""
+        replace a good model by one that cannot be loaded), and (as every save,
+        :func:`napari_unet.save.prepare_tensors`) weights that are not finite."""
         from .schema import ConfigError
 
         try:
             self.model_config  # noqa: B018 - validates
         except (ConfigError, ValueError) as e:
             raise ValueError(f"will not save {path}: {e}") from None
-        state = self.net.state_dict()
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise ValueError(
-                f"will not save {path}: the weights hold NaN or infinite values (tensor "
-                f"{bad[0]!r}; did the training diverge?). Load the last saved version instead."
-            )
-        return store.save_model(path, state, self.config)
+        return store.save_model(path, self.net.state_dict(), self.config)
 
     def copy(self) -> Segmenter:
         """An independent copy (weights and config)."""
@@ -471,9 +463,7 @@ class Segmenter:
         or big one (see :data:`ZOOM_MEMO_PIXELS`)."""
         if not isinstance(plane, np.ndarray) or plane.size > ZOOM_MEMO_PIXELS:
             return None
-        h = hashlib.blake2b(repr((plane.shape, plane.dtype.str)).encode(), digest_size=16)
-        h.update(np.ascontiguousarray(plane).data)
-        return engines.weights_digest(self.net), h.hexdigest()
+        return engines.weights_digest(self.net), engines.array_digest(plane)
 
     def _zoom_for(self, plane: np.ndarray, axes: str, volume: bool = False):
         """``(zoom, estimated diameter or None)`` :meth:`predict` picks for a 2D plane (its

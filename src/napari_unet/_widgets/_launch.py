@@ -73,6 +73,18 @@ def tab_with_siblings(widget) -> bool:
     return True
 
 
+class TabsWithSiblings:
+    """Mixin of the plugin's dock widgets (before ``QWidget`` in the bases): at its first show
+    a widget goes into tabs with the plugin's other docks (:func:`tab_with_siblings`)."""
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+        super().showEvent(event)
+        if not getattr(self, "_tabbed", False):  # once: the user may arrange the docks later
+            self._tabbed = True
+            self.setObjectName(WIDGET_NAME)  # how the next widget shown finds this one
+            tab_with_siblings(self)
+
+
 def fit_screen(viewer: napari.Viewer) -> None:
     """Shrink the window to the screen's free area (it never grows past it)."""
     qt_window = viewer.window._qt_window

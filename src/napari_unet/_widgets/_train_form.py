@@ -208,8 +208,8 @@ class TrainOptionsBox(QGroupBox):
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         for w, tip in (
-            (self.seconds_spin, "how long the round trains (the checks after it add a second "
-             "or two)"),
+            (self.seconds_spin, "how long the round trains; preparing and checking it add "
+             "about 3 s (20 s took 22.8-23.1 s on 2 CPU cores)"),
             (self.steps_spin, "or how many steps; with both, whichever comes first"),
             (self.lr_edit, "leave empty: the rate is chosen from how much you corrected"),
             (self.from_current_check, "fine-tune the model in use (unticked: a new, untrained "

@@ -33,6 +33,7 @@ from qtpy.QtWidgets import (
 from ..segmenter import TASKS
 from ..store import ModelFileError, ModelInfo, read_config
 from . import _layers, _model_dialogs
+from ._launch import TabsWithSiblings
 from ._messages import user_message
 from ._model_actions import ModelActions
 from ._model_dialogs import ask_open_path, ask_save_path, ask_text, ask_yes_no  # noqa: F401
@@ -81,7 +82,7 @@ def _starter_entries() -> list[Entry]:
 
 
 # ----------------------------------------------------------------------------- widget
-class ModelManagerWidget(ModelActions, ModelFiles, QWidget):
+class ModelManagerWidget(TabsWithSiblings, ModelActions, ModelFiles, QWidget):
     """The viewer's saved models: pick one to use, manage names and versions, share files."""
 
     # emitted by the session listener; a queued delivery when the session emits off the GUI thread
@@ -89,7 +90,6 @@ class ModelManagerWidget(ModelActions, ModelFiles, QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        self.setObjectName("napari-unet-widget")  # _launch.tab_with_siblings
         viewer = _layers.unwrap_viewer(napari_viewer)
         # only a weak link to the viewer: this widget may be referenced after the viewer closed
         # (tests, scripts) and must not keep the viewer's Qt objects alive
@@ -211,14 +211,6 @@ class ModelManagerWidget(ModelActions, ModelFiles, QWidget):
             self.session.model_changed.disconnect(self._on_model_changed)
         except Exception:  # noqa: BLE001 - already disconnected
             pass
-
-    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
-        super().showEvent(event)
-        if not getattr(self, "_tabbed", False):  # once: the user may arrange the docks later
-            self._tabbed = True
-            from ._launch import tab_with_siblings
-
-            tab_with_siblings(self)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
         self.shutdown()

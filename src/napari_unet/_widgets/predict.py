@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
 
 from ..engines import ENGINES
 from . import _layers
+from ._launch import TabsWithSiblings
 from ._session import session_for
 from ._workers import (
     ShutdownHook,
@@ -60,12 +61,11 @@ def describe_model(name: str, seg: Segmenter) -> str:
     return f"{name}  ({seg.task}, {seg.in_channels} channel(s), {nd})"
 
 
-class PredictWidget(QWidget):
+class PredictWidget(TabsWithSiblings, QWidget):
     """Segment the chosen image layer with the viewer's current model."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        self.setObjectName("napari-unet-widget")  # _launch.tab_with_siblings
         self.viewer = _layers.unwrap_viewer(napari_viewer)
         self.session = session_for(self.viewer)
         self._task: Task | None = None
@@ -303,14 +303,6 @@ class PredictWidget(QWidget):
         was cut after a few words and went away) and as a notification."""
         self.status_label.setText(f"not started: {message}")
         show_error(message)
-
-    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
-        super().showEvent(event)
-        if not getattr(self, "_tabbed", False):  # once: the user may arrange the docks later
-            self._tabbed = True
-            from ._launch import tab_with_siblings
-
-            tab_with_siblings(self)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
         self.shutdown()

@@ -27,6 +27,7 @@ from ..runs import Outcome, TrainRun
 from ..training import TrainProgress
 from . import _layers
 from ._jobs import Preview, describe_result
+from ._launch import TabsWithSiblings
 from ._loss_curve import LossCurve
 from ._messages import progress_bar, user_message
 from ._session import session_for
@@ -55,12 +56,11 @@ class _StatusRelay(QObject):
         self.changed.emit()
 
 
-class TrainWidget(QWidget):
+class TrainWidget(TabsWithSiblings, QWidget):
     """Fine-tune the viewer's current model on (image, labels) pairs."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        self.setObjectName("napari-unet-widget")  # _launch.tab_with_siblings
         self.viewer = _layers.unwrap_viewer(napari_viewer)
         self.session = session_for(self.viewer)
         self.state = EventedState(State.IDLE)
@@ -446,14 +446,6 @@ class TrainWidget(QWidget):
         was cut after a few words and went away) and as a notification."""
         self.status_label.setText(f"not started: {message}")
         show_error(message)
-
-    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
-        super().showEvent(event)
-        if not getattr(self, "_tabbed", False):  # once: the user may arrange the docks later
-            self._tabbed = True
-            from ._launch import tab_with_siblings
-
-            tab_with_siblings(self)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
         self.shutdown()
