@@ -1,24 +1,33 @@
-"""Prediction throughput on a GPU: megapixels per second, end to end and network alone.
+"""Prediction and training on a GPU: megapixels per second, end to end and network alone.
 
 Command, on a machine with CUDA (about 5 minutes on one GPU)::
 
-    python benchmarks/gpu.py
+    python benchmarks/gpu.py --profile-out profile.txt
     python benchmarks/gpu.py --device cpu --quick      # smoke run of the script itself
 
-For the shipped starter (``nuclei``, base 16, depth 3) and the reference U-Net (``UNet(1, 3)``,
-31M parameters) on a generated 4096x4096 image of nuclei (``--size``), each variant of the
-forward pass is timed over 512x512 tiles (batch ``--batch``):
+Parts (``--parts``, default all; printed in this order, each in its own table, and one part
+failing does not lose the others):
 
-* fp32, contiguous memory;
-* fp32, channels_last;
-* autocast bf16 (or fp16 where bf16 is not supported), channels_last;
-* the same under ``torch.compile`` (``--no-compile`` skips it; compile time is reported apart);
+b. ``Segmenter.predict`` end to end with default settings (object size estimated, tiles,
+   blending, post-processing on the CPU) on generated nuclei at 2048x2048 and 4096x4096
+   (``--size``) and on uniform noise, against the bare bf16 forward of the starter
+   (channels_last, BatchNorm folded, batch 8) over the same pixels, with the post-processing
+   apart: whether it is the bottleneck once the network runs on the GPU. On CUDA, the same
+   2048x2048 prediction on the machine's CPU cores too (the GPU's speed-up).
+c. A generated 64x512x512 volume, ``nuclei-volumes`` with the 3D assembly, end to end.
+d. Fine-tuning throughput: ``Segmenter.finetune`` with its defaults (batch 8 of 64x64) and,
+   on CUDA, batch 64 of 128x128, each against a bare training step of the same network with
+   the data already on the device (``--train-seconds``).
+e. cProfile of one 2048x2048 prediction (the main thread, by own time; ``--profile-out`` keeps
+   the whole listing).
+a. Each variant of the forward pass for the shipped starter (``nuclei``, base 16, depth 3) and
+   the reference U-Net (``UNet(1, 3)``, 31M parameters) over 512x512 tiles (``--batch``):
+   fp32 contiguous, fp32 channels_last, autocast bf16 (fp16 where bf16 is not supported)
+   channels_last, and that last one under ``torch.compile`` (``--no-compile`` skips it; the
+   compile time is reported apart). Last, because compiling takes minutes.
 
-then ``Segmenter.predict`` end to end (tiles, blending, post-processing on the CPU) with the
-starter, and the post-processing alone, so that it shows whether the post-processing is the
-bottleneck once the network runs on the GPU. Every row gives megapixels per second and the peak
-device memory (``torch.cuda.max_memory_allocated``). The load average is printed first; each
-measurement is repeated (``--repeats``) and the fastest kept.
+Every row gives its peak device memory (``torch.cuda.max_memory_allocated``). The load average
+is printed before each measurement; each is repeated (``--repeats``) and the fastest kept.
 """
 
 from __future__ import annotations
@@ -82,12 +91,152 @@ def _forward_rate(net, tiles, dev, batch, fmt, amp, repeats) -> tuple[float, flo
     return tiles.size / 1e6 / best, _peak_mb(dev)
 
 
+def _bare_seconds(net, image: np.ndarray, dev, batch: int, amp) -> float:
+    """Seconds of the bare forward (the predictor's own settings) over ``image``'s pixels."""
+    tiles = _tiles(image, 512)
+    fmt = torch.channels_last
+    rate, _ = _forward_rate(net.to(memory_format=fmt), tiles, dev, batch, fmt, amp, 3)
+    return image.size / 1e6 / rate
+
+
+def _end_to_end(starter, dev, amp, size: int, repeats: int) -> list[list]:
+    """Part b: ``Segmenter.predict`` end to end against the bare forward over the same pixels,
+    on generated nuclei and on uniform noise, with the post-processing apart."""
+    base = make_realistic_nuclei((1024, 1024), seed=3, radius=(6.0, 12.0))[0]
+    net = fused_copy(starter.net).to(dev)
+    rows = []
+    sides = [s for s in (2048, 4096) if s <= size] or [size]
+    images = [(f"nuclei {s}x{s}", _tiled(base, s)) for s in sides]
+    noise = np.random.default_rng(0).random((size, size), dtype=np.float32)
+    images.append((f"noise {size}x{size}", noise))
+    for name, image in images:
+        bare = _bare_seconds(net, image, dev, 8, amp)
+        starter.predict(image[:1024, :1024], device=dev)  # warm-up
+        _reset_peak(dev)
+        C.say_load(f"predict end to end: {name} on {dev}")
+        best = min((C.timed(lambda im=image: starter.predict(im, device=dev))
+                    for _ in range(repeats)), key=lambda r: r.seconds)
+        p = best.value
+        rows.append([name, f"{dev}", p.engine, bare, best.seconds, p.postprocess_seconds,
+                     best.seconds - p.postprocess_seconds, best.seconds / bare,
+                     int(p.labels.max()), _peak_mb(dev)])
+    if dev.type == "cuda":  # the same machine's CPU cores, the fastest CPU engine: the speedup
+        image = images[0][1]
+        C.say_load(f"predict end to end: {images[0][0]} on this machine's CPU")
+        starter.predict(image[:1024, :1024], device="cpu")
+        r = C.timed(lambda: starter.predict(image, device="cpu"))
+        p = r.value
+        rows.append([images[0][0], f"cpu ({torch.get_num_threads()} threads)", p.engine, None,
+                     r.seconds, p.postprocess_seconds, r.seconds - p.postprocess_seconds, None,
+                     int(p.labels.max()), None])
+    return rows
+
+
+def _tiled(base: np.ndarray, size: int) -> np.ndarray:
+    reps = -(-size // base.shape[0])
+    return np.ascontiguousarray(np.tile(base, (reps, reps))[:size, :size])
+
+
+def _volume(dev, repeats: int) -> list[list]:
+    """Part c: a generated 64x512x512 volume, the 2D volume starter with the 3D assembly."""
+    from napari_unet.synthetic3d import make_nuclei_3d
+
+    block, _ = make_nuclei_3d((16, 128, 128), anisotropy=2.0, seed=0)
+    vol = np.tile(block, (4, 4, 4))
+    seg = Segmenter.pretrained("nuclei-volumes")
+    seg.predict(vol[:8], "ZYX", scale=(2, 1, 1), device=dev)
+    _reset_peak(dev)
+    C.say_load(f"volume 64x512x512 on {dev}")
+    best = min((C.timed(lambda: seg.predict(vol, "ZYX", scale=(2, 1, 1), device=dev))
+                for _ in range(repeats)), key=lambda r: r.seconds)
+    p = best.value
+    return [["64x512x512", "nuclei-volumes", best.seconds, p.postprocess_seconds,
+             best.seconds - p.postprocess_seconds, vol.size / 1e6 / best.seconds,
+             int(p.labels.max()), _peak_mb(dev)]]
+
+
+def _training(dev, seconds: float) -> list[list]:
+    """Part d: ``Segmenter.finetune`` throughput (its defaults, then bigger batches where a GPU
+    has room) against a bare training step of the same network on ``dev``."""
+    from napari_unet.finetune import BATCH_2D, PATCH_2D
+    from napari_unet.synthetic import make_nuclei
+
+    imgs, labs = zip(*(make_nuclei((256, 256), seed=s)[:2] for s in range(4)), strict=True)
+    rows = []
+    settings = [(BATCH_2D, PATCH_2D)]
+    if dev.type == "cuda":
+        settings.append((64, (128, 128)))
+    for batch, patch in settings:
+        seg = Segmenter.pretrained("nuclei")
+        _reset_peak(dev)
+        label = f"Segmenter.finetune, batch {batch}, patches {patch[0]}x{patch[1]}"
+        C.say_load(f"{label}, {seconds:.0f} s on {dev}")
+        last = None
+        for ev in seg.finetune(list(imgs), list(labs), time_limit_s=seconds, device=dev,
+                               batch_size=batch, patch_shape=patch):
+            last = ev
+        rows.append([label, last.step, last.step / max(last.seconds, 1e-9), last.patches_per_s,
+                     _peak_mb(dev)])
+        n, dt = _bare_train_steps(dev, batch, patch, min(seconds, 5.0))
+        rows.append([f"bare step, batch {batch}, {patch[0]}x{patch[1]}, data on the device", n,
+                     n / dt, batch * n / dt, _peak_mb(dev)])
+    return rows
+
+
+def _bare_train_steps(dev, batch: int, patch, seconds: float) -> tuple[int, float]:
+    """(steps, seconds) of a bare training loop of the starter's network: random tensors
+    already on ``dev``, channels_last, plain cross-entropy, AdamW."""
+    net = Segmenter.pretrained("nuclei").net.to(dev).train().to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), 1e-4)
+    x = torch.randn(batch, 1, *patch, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (batch, *patch), device=dev)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    for _ in range(5):
+        step()
+    _sync(dev)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        n += 1
+    _sync(dev)
+    return n, time.perf_counter() - t0
+
+
+def _profile(starter, dev, size: int, out: str | None) -> None:
+    """Part e: where the end-to-end time goes (the main thread's cProfile, by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    image = _tiled(make_realistic_nuclei((1024, 1024), seed=3, radius=(6.0, 12.0))[0], size)
+    starter.predict(image, device=dev)
+    prof = cProfile.Profile()
+    prof.enable()
+    starter.predict(image, device=dev)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    text = buf.getvalue()
+    if out:
+        Path(out).write_text(text)
+    print(f"\nprofile of one {size}x{size} prediction on {dev} (own time, top 25):")
+    print("\n".join(text.splitlines()[:45]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", type=int, default=None, help="image side (default 4096)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--parts", default="abcde")
+    ap.add_argument("--train-seconds", type=float, default=15.0)
+    ap.add_argument("--profile-out", default=None, help="write part e's whole profile here")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -99,13 +248,49 @@ def main() -> None:
     C.header("gpu")
     if dev.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
-    base = make_realistic_nuclei((1024, 1024), seed=3, radius=(6.0, 12.0))[0]
-    reps = -(-size // 1024)
-    image = np.ascontiguousarray(np.tile(base, (reps, reps))[:size, :size])
-    tiles = _tiles(image, 512)
     half = torch.bfloat16 if dev.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-    rows = []
+    amp = (lambda: torch.autocast("cuda", dtype=half)) if dev.type == "cuda" else nullcontext
     starter = Segmenter.pretrained("nuclei")
+    tables = []
+    parts = [
+        ("b", lambda: C.table(
+            ["image", "device", "engine", "bare forward s", "end to end s", "post-processing s",
+             "rest s", "vs bare", "objects", "peak MB"],
+            _end_to_end(starter, dev, amp, size, args.repeats),
+            title="b. Segmenter.predict end to end (default settings) vs the bare bf16 forward "
+                  "(channels_last, batch 8) over the same pixels")),
+        ("c", lambda: C.table(
+            ["volume", "model", "end to end s", "3D assembly s", "rest s", "Mvoxel/s",
+             "objects", "peak MB"], _volume(dev, args.repeats),
+            title="c. a volume, end to end")),
+        ("d", lambda: C.table(
+            ["training", "steps", "steps/s", "patches/s", "peak MB"],
+            _training(dev, 3.0 if args.quick else args.train_seconds),
+            title="d. fine-tuning throughput")),
+        ("e", lambda: _profile(starter, dev, min(size, 2048), args.profile_out)),
+        ("a", lambda: _forwards(starter, dev, half, size, args)),  # last: compiles take long
+    ]
+    for key, fn in parts:
+        if key not in args.parts:
+            continue
+        try:
+            text = fn()
+        except Exception:  # noqa: BLE001 - one part failing must not lose the others' numbers
+            import traceback
+
+            text = f"part {key} failed:\n{traceback.format_exc()}"
+        if text:
+            tables.append(text)
+            print(text, flush=True)
+    print("\n\n".join(["", *tables]))
+    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+def _forwards(starter, dev, half, size: int, args) -> str:
+    """Part a: each variant of the forward pass, for the starter and the reference U-Net."""
+    base = make_realistic_nuclei((1024, 1024), seed=3, radius=(6.0, 12.0))[0]
+    tiles = _tiles(_tiled(base, size), 512)
+    rows = []
     nets = {"starter": starter.net, "reference UNet(1, 3)": UNet(1, 3)}
     for name, raw in nets.items():
         net = fused_copy(raw).to(dev)
@@ -116,12 +301,13 @@ def main() -> None:
         if dev.type == "cuda":
             variants.append((f"{str(half)[6:]} autocast channels_last", torch.channels_last,
                              lambda: torch.autocast("cuda", dtype=half)))
-        for label, fmt, amp in variants:
+        for i, (label, fmt, amp) in enumerate(variants):
             model = net.to(memory_format=fmt)
             C.say_load(f"{name}: {label}")
             rate, peak = _forward_rate(model, tiles, dev, args.batch, fmt, amp, args.repeats)
             rows.append([name, label, rate, peak, None])
-            if not args.no_compile and not args.quick:
+            # torch.compile of the fastest variant only (the last): each compile takes minutes
+            if not args.no_compile and not args.quick and i == len(variants) - 1:
                 t0 = time.perf_counter()
                 compiled = torch.compile(model)
                 try:
@@ -134,20 +320,9 @@ def main() -> None:
                     rows.append([name, f"{label} + torch.compile failed: {type(e).__name__}",
                                  None, None, None])
         del net
-    # end to end with the starter: tiles, blending, post-processing (CPU)
-    starter.predict(image[:1024, :1024], device=dev)
-    _reset_peak(dev)
-    C.say_load("starter: Segmenter.predict end to end")
-    pred = min((C.timed(lambda: starter.predict(image, device=dev)) for _ in range(args.repeats)),
-               key=lambda r: r.seconds)
-    p = pred.value
-    rows.append(["starter", f"Segmenter.predict end to end ({p.engine})",
-                 image.size / 1e6 / pred.seconds, _peak_mb(dev), None])
-    rows.append(["starter", "of which post-processing (CPU)",
-                 image.size / 1e6 / max(p.postprocess_seconds, 1e-9), None, None])
-    print(C.table(["network", "variant", "Mpx/s", "peak MB", "compile s"], rows,
-                  title=f"{size}x{size}, 512x512 tiles, batch {args.batch}, {dev}"))
-    print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return C.table(["network", "variant", "Mpx/s", "peak MB", "compile s"], rows,
+                   title=f"a. the forward pass, {size}x{size}, 512x512 tiles, batch {args.batch}, "
+                         f"{dev}")
 
 
 if __name__ == "__main__":
