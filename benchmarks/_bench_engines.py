@@ -12,7 +12,11 @@ image reflected to 2048^2 when the shared folder is given), in one run:
 * **predict, engine X**: ``Segmenter.predict(image, engine=X)`` end to end with default settings
   (object size estimated, tiles, blending, post-processing), after one warm-up call (the engine's
   export is cached);
-* **post-processing alone**: ``Segmenter._postprocess`` on the probabilities of that prediction.
+* **post-processing alone**: ``Segmenter._postprocess`` on the probabilities of that prediction;
+* **bare torch at predict's zoom**, when ``predict`` resized the image for its object size
+  (``Prediction.zoom``; small nuclei are enlarged, so the network sees zoom^2 times the
+  pixels): the bare forward over the resized image. The last column gives every row's time
+  against it: the ratio over the pixels the network was given.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def part_e(args) -> str:
     warm_up(net, 512, 2)
     warm_up(fused, 512, 2)
     for what, image in _images(sizes, getattr(args, "real", None)):
+        first = len(rows)
         xn = normalised(seg, image)
         bare = measure(_bare(net, xn), f"bare torch, {what}", args.noisy, args.max_tries)
         rows.append([what, "bare torch (baseline)", bare.seconds, 1.0, None, None, bare.others])
@@ -97,11 +102,24 @@ def part_e(args) -> str:
                          args.noisy, args.max_tries)
             rows.append([what, "post-processing alone", pp.seconds, pp.seconds / bare.seconds,
                          int(pp.value.max()), None, pp.others])
+        at_zoom = bare
+        if abs(p.zoom - 1.0) > 1e-3:
+            from napari_unet.scale import resize_image, zoomed_shape
+
+            xz = resize_image(normalised(seg, image), zoomed_shape(image.shape, p.zoom))
+            at_zoom = measure(_bare(net, xz), f"bare torch at zoom {p.zoom:.2f}, {what}",
+                              args.noisy, args.max_tries)
+            del xz
+            rows.append([what, f"bare torch at predict's zoom {p.zoom:.2f}", at_zoom.seconds,
+                         at_zoom.seconds / bare.seconds, None, None, at_zoom.others])
+        for r in rows[first:]:
+            r.append(r[2] / at_zoom.seconds)
         del p, probs
     print(f"load average now {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     out = C.table(
-        ["image", "what", "seconds", "x bare torch", "objects", "of it post", "others %"],
-        [r[:6] + [round(100 * r[6])] for r in rows],
+        ["image", "what", "seconds", "x bare torch", "objects", "of it post", "others %",
+         "x bare at predict's zoom"],
+        [r[:6] + [round(100 * r[6]), r[7]] for r in rows],
         title=f"e. prediction end to end vs the bare network (torch threads "
         f"{torch.get_num_threads()}, 512x512 tiles, batch 2)",
     )
