@@ -81,6 +81,16 @@ def f1_bottom(pred: np.ndarray, gt: np.ndarray, half: int) -> float:
     )
 
 
+def top_half(gt: np.ndarray) -> np.ndarray:
+    """The voxels a fine-tune on a volume may see: the top half of every slice (Y < Y/2), less
+    the voxels of the objects scored in the bottom half (:func:`centroid_half`)."""
+    half = gt.shape[1] // 2
+    top = np.zeros(gt.shape, bool)
+    top[:, :half] = True
+    top &= ~centroid_half(gt, half)[gt]
+    return top
+
+
 def predict(seg: nu.Segmenter, img: np.ndarray, voxel) -> np.ndarray:
     return seg.predict(img, "ZYX", scale=voxel, num_threads=1).labels
 
@@ -137,10 +147,7 @@ def main() -> None:
             print(f"skipping {f}: not a 3D volume ({img.shape})")
             continue
         half = img.shape[1] // 2
-        scored = centroid_half(gt, half)[gt]
-        top = np.zeros(gt.shape, bool)
-        top[:, :half] = True
-        top &= ~scored
+        top = top_half(gt)
         for m in args.models.split(","):
             seg = load_model(m)
             t0 = time.time()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -104,6 +105,36 @@ def volume_planes(n: int, per_volume: int, diameter: float, seed: int, rng: np.r
     return imgs, labs
 
 
+def real_volume_halves(spec: str, copies: int, step: int, diameter: float, rng):
+    """The trainable half of each real volume of ``FOLDER`` (``spec``: ``FOLDER`` or
+    ``FOLDER:Z,Y,X``): the top half of every ``step``-th slice (Y < Y/2), the voxels of the
+    objects whose centroid lies in the bottom half masked out, so that the bottom half (what
+    ``benchmarks/real_3d.py`` scores) is never seen. Each is resized in Y and X ``copies``
+    times so that its nuclei's largest cross-sections come out near ``diameter``; it trains as
+    a ZYX stack (one sample per plane, normalised over the stack as ``predict`` does)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    from real_3d import top_half
+
+    folder = spec.split(":", 1)[0]
+    out = []
+    for f in sorted(os.listdir(os.path.join(folder, "images"))):
+        img = tifffile.imread(os.path.join(folder, "images", f)).astype(np.float32)
+        lab = tifffile.imread(os.path.join(folder, "masks", f)).astype(np.int32)
+        mask = top_half(lab)
+        half = lab.shape[1] // 2
+        img, lab, mask = img[::step, :half], lab[::step, :half], mask[::step, :half]
+        d = largest_section_diameter(lab)
+        for _ in range(copies):
+            shape = zoomed_shape(lab.shape, diameter * jitter(rng) / d, minimum=16)
+            out.append((
+                f"top half of {os.path.basename(folder.rstrip('/'))}/{f} (every {step} slice)",
+                resize_image(img, shape),
+                resize_labels(np.where(mask, lab, 0), shape).astype(np.int32),
+                resize_labels(mask, shape).astype(bool),
+            ))  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--real", default="../shared/data/real/dsb2018-stage1-fluo")
@@ -112,6 +143,12 @@ def main() -> None:
     ap.add_argument("--generated", type=int, default=60)
     ap.add_argument("--volumes", type=int, default=0, help="generated volumes to take planes of")
     ap.add_argument("--planes-per-volume", type=int, default=4)
+    ap.add_argument(
+        "--real-volume", action="append", default=[], metavar="FOLDER",
+        help="train on the top half of each volume of FOLDER too (repeatable)",
+    )  # fmt: skip
+    ap.add_argument("--volume-copies", type=int, default=2, help="object sizes per real volume")
+    ap.add_argument("--volume-step", type=int, default=2, help="every N-th slice of a volume")
     ap.add_argument("--diameter", type=float, default=18.0)
     ap.add_argument("--seconds", type=float, default=1500)
     ap.add_argument("--seed", type=int, default=1)
@@ -156,6 +193,17 @@ def main() -> None:
         f"plane of generated volume {i // max(args.planes_per_volume, 1)}"
         for i in range(len(v_imgs))
     ]
+    masks = [None] * len(imgs)
+    rv = [
+        h
+        for spec in args.real_volume
+        for h in real_volume_halves(spec, args.volume_copies, args.volume_step, args.diameter, rng)
+    ]
+    for tag, img, lab, mask in rv:
+        imgs.append(img)
+        labs.append(lab)
+        masks.append(mask)
+        tags.append(tag)
     print(f"{len(imgs)} training images ({len(names)} real x {args.copies} sizes)", flush=True)
 
     if args.init == "none":
@@ -175,6 +223,8 @@ def main() -> None:
     for p in seg.finetune(
         imgs,
         labs,
+        masks,
+        axes=None,
         time_limit_s=args.seconds,
         lr=args.lr,
         batch_size=8,
@@ -205,6 +255,7 @@ def main() -> None:
             if v_imgs
             else []
         )
+        + sorted({tag for tag, *_ in rv})
     )
     seg.config["history"][-1]["trained_on"] = seg.config["trained_on"]
     # the size these weights measure objects at, on the shipped bank (predict divides its
