@@ -264,7 +264,7 @@ def test_volume_starter_separates_dense_nuclei_the_2d_starter_merges(starter):
     )
     volumes = nu.Segmenter.pretrained("nuclei-volumes")
     pp = volumes.config["postprocess"]
-    assert (pp["smooth_3d"], pp["h_fraction_3d"], pp["seed_threshold_3d"]) == (1.0, 0.3, 0.8)
+    assert (pp["smooth_3d"], pp["h_fraction_3d"], pp["seed_threshold_3d"]) == (1.0, 0.2, 0.8)
     f_vol = instance_f1(volumes.predict(img, "ZYX", scale=(3, 1, 1)).labels, lab)
     f_2d = instance_f1(starter.predict(img, "ZYX", scale=(3, 1, 1)).labels, lab)
     assert f_vol > f_2d + 0.1, (f_vol, f_2d)
