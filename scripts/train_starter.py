@@ -105,18 +105,18 @@ def volume_planes(n: int, per_volume: int, diameter: float, seed: int, rng: np.r
     return imgs, labs
 
 
-def real_volume_halves(spec: str, copies: int, step: int, diameter: float, rng):
-    """The trainable half of each real volume of ``FOLDER`` (``spec``: ``FOLDER`` or
-    ``FOLDER:Z,Y,X``): the top half of every ``step``-th slice (Y < Y/2), the voxels of the
-    objects whose centroid lies in the bottom half masked out, so that the bottom half (what
+def real_volume_halves(folder: str, copies: int, step: int, diameter: float, rng):
+    """The trainable half of each volume of ``folder`` (``images/`` + ``masks/`` TIFFs): the
+    top half of every ``step``-th slice (Y < Y/2), the voxels of the objects whose centroid
+    lies in the bottom half masked out, so that the bottom half (what
     ``benchmarks/real_3d.py`` scores) is never seen. Each is resized in Y and X ``copies``
     times so that its nuclei's largest cross-sections come out near ``diameter``; it trains as
     a ZYX stack (one sample per plane, normalised over the stack as ``predict`` does)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
     from real_3d import top_half
 
-    folder = spec.split(":", 1)[0]
     out = []
+    every = "every slice" if step == 1 else f"one slice in {step}"
     for f in sorted(os.listdir(os.path.join(folder, "images"))):
         img = tifffile.imread(os.path.join(folder, "images", f)).astype(np.float32)
         lab = tifffile.imread(os.path.join(folder, "masks", f)).astype(np.int32)
@@ -127,7 +127,7 @@ def real_volume_halves(spec: str, copies: int, step: int, diameter: float, rng):
         for _ in range(copies):
             shape = zoomed_shape(lab.shape, diameter * jitter(rng) / d, minimum=16)
             out.append((
-                f"top half of {os.path.basename(folder.rstrip('/'))}/{f} (every {step} slice)",
+                f"top half of {os.path.basename(folder.rstrip('/'))}/{f} ({every})",
                 resize_image(img, shape),
                 resize_labels(np.where(mask, lab, 0), shape).astype(np.int32),
                 resize_labels(mask, shape).astype(bool),
@@ -195,9 +195,11 @@ def main() -> None:
     ]
     masks = [None] * len(imgs)
     rv = [
-        h
-        for spec in args.real_volume
-        for h in real_volume_halves(spec, args.volume_copies, args.volume_step, args.diameter, rng)
+        half
+        for folder in args.real_volume
+        for half in real_volume_halves(
+            folder, args.volume_copies, args.volume_step, args.diameter, rng
+        )
     ]
     for tag, img, lab, mask in rv:
         imgs.append(img)
