@@ -1,9 +1,14 @@
 """Prediction and training on a GPU: megapixels per second, end to end and network alone.
 
-Command, on a machine with CUDA (about 5 minutes on one GPU)::
+Command, on a machine with CUDA (about 5 minutes on one GPU, 3 more with part f)::
 
-    python benchmarks/gpu.py --profile-out profile.txt
+    python benchmarks/gpu.py --profile-out profile.txt \\
+        --real-2d ../shared/data/real/dsb2018-stage1-fluo \\
+        --real-3d ../shared/data/real/gonuclear-arabidopsis-ovule-3d:0.2837,0.1268,0.1268
     python benchmarks/gpu.py --device cpu --quick      # smoke run of the script itself
+
+The real-data folders are not in the repository: on another machine, copy them there and
+give their paths.
 
 Parts (``--parts``, default all; printed in this order, each in its own table, and one part
 failing does not lose the others):
@@ -20,6 +25,10 @@ d. Fine-tuning throughput: ``Segmenter.finetune`` with its defaults (batch 8 of 
    the data already on the device (``--train-seconds``).
 e. cProfile of one 2048x2048 prediction (the main thread, by own time; ``--profile-out`` keeps
    the whole listing).
+f. Real data, with ``--real-2d FOLDER`` (DSB2018-like ``images/`` + ``masks/``: the first 6 by
+   name trained on, the others scored) and ``--real-3d FOLDER:Z,Y,X`` (volumes: 30 s on the
+   top half, the bottom half scored, ``benchmarks/real_3d.py``'s protocol): what the same
+   budgets buy on the GPU (steps and F1 after 15 s and 60 s; after 30 s for volumes).
 a. Each variant of the forward pass for the shipped starter (``nuclei``, base 16, depth 3) and
    the reference U-Net (``UNet(1, 3)``, 31M parameters) over 512x512 tiles (``--batch``):
    fp32 contiguous, fp32 channels_last, autocast bf16 (fp16 where bf16 is not supported)
@@ -207,6 +216,55 @@ def _bare_train_steps(dev, batch: int, patch, seconds: float) -> tuple[int, floa
     return n, time.perf_counter() - t0
 
 
+def _real(dev, real_2d: str | None, real_3d: list[str], quick: bool = False) -> list[list]:
+    """Part f: the starter, then fine-tunes of the usual budgets on ``dev``, on real data
+    (``quick``: 3 s budgets, a smoke run)."""
+    import real as R2
+    import real_3d as R3
+    import tifffile
+
+    rows = []
+    if real_2d:
+        pairs = R2.load(real_2d)
+        train, test = pairs[:6], pairs[6:]
+        start = Segmenter.pretrained("nuclei")
+        f0 = R2.score(start, test)[0]
+        name = Path(real_2d).name
+        rows.append([f"{name}: starter (scored: the last {len(test)})", "-", f0, None])
+        for budget in (3.0,) if quick else (15.0, 60.0):
+            seg = start.copy()
+            C.say_load(f"{name}: fine-tune {budget:.0f} s on {dev}")
+            last = None
+            for last in seg.finetune(  # noqa: B007 - the last event is kept
+                [p[1] for p in train], [p[2] for p in train], time_limit_s=budget, device=dev
+            ):
+                pass
+            f1 = R2.score(seg, test)[0]
+            rows.append([f"{name}: fine-tune {budget:.0f} s on the first 6",
+                         last.step, f1, f1 - f0])
+    for spec in real_3d:
+        folder, vox = spec.rsplit(":", 1)
+        voxel = tuple(float(v) for v in vox.split(","))
+        for f in sorted(os.listdir(os.path.join(folder, "images"))):
+            img = tifffile.imread(os.path.join(folder, "images", f))
+            gt = tifffile.imread(os.path.join(folder, "masks", f)).astype(np.int32)
+            half = gt.shape[1] // 2
+            seg = Segmenter.pretrained("nuclei-volumes")
+            b0 = R3.f1_bottom(seg.predict(img, "ZYX", scale=voxel, device=dev).labels, gt, half)
+            budget = 3.0 if quick else 30.0
+            C.say_load(f"{f}: {budget:.0f} s on the top half on {dev}")
+            last = None
+            for last in seg.finetune(  # noqa: B007 - the last event is kept
+                img, gt, masks=R3.top_half(gt), axes="ZYX", time_limit_s=budget, device=dev
+            ):
+                pass
+            b1 = R3.f1_bottom(seg.predict(img, "ZYX", scale=voxel, device=dev).labels, gt, half)
+            rows.append([f"{f}: bottom half, untrained", "-", b0, None])
+            rows.append([f"{f}: bottom half after {budget:.0f} s on the top half", last.step, b1,
+                         b1 - b0])
+    return rows
+
+
 def _profile(starter, dev, size: int, out: str | None) -> None:
     """Part e: where the end-to-end time goes (the main thread's cProfile, by own time)."""
     import cProfile
@@ -234,9 +292,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="image side (default 4096)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--parts", default="abcde")
+    ap.add_argument("--parts", default="abcdef")
     ap.add_argument("--train-seconds", type=float, default=15.0)
     ap.add_argument("--profile-out", default=None, help="write part e's whole profile here")
+    ap.add_argument("--real-2d", default=None, metavar="FOLDER", help="part f: 2D TIFF pairs")
+    ap.add_argument("--real-3d", action="append", default=[], metavar="FOLDER:Z,Y,X",
+                    help="part f: volumes and their voxel size (repeatable)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -268,6 +329,12 @@ def main() -> None:
             _training(dev, 3.0 if args.quick else args.train_seconds),
             title="d. fine-tuning throughput")),
         ("e", lambda: _profile(starter, dev, min(size, 2048), args.profile_out)),
+        ("f", lambda: C.table(
+            ["real data", "steps", "F1", "vs untrained"],
+            [[n, st, f"{f:.3f}", None if d is None else f"{d:+.3f}"]
+             for n, st, f, d in _real(dev, args.real_2d, args.real_3d, args.quick)],
+            title=f"f. real data: fine-tuning budgets on {dev}",
+        ) if args.real_2d or args.real_3d else ""),
         ("a", lambda: _forwards(starter, dev, half, size, args)),  # last: compiles take long
     ]
     for key, fn in parts:
