@@ -221,7 +221,6 @@ def _real(dev, real_2d: str | None, real_3d: list[str], quick: bool = False) -> 
     (``quick``: 3 s budgets, a smoke run)."""
     import real as R2
     import real_3d as R3
-    import tifffile
 
     rows = []
     if real_2d:
@@ -243,11 +242,7 @@ def _real(dev, real_2d: str | None, real_3d: list[str], quick: bool = False) -> 
             rows.append([f"{name}: fine-tune {budget:.0f} s on the first 6",
                          last.step, f1, f1 - f0])
     for spec in real_3d:
-        folder, vox = spec.rsplit(":", 1)
-        voxel = tuple(float(v) for v in vox.split(","))
-        for f in sorted(os.listdir(os.path.join(folder, "images"))):
-            img = tifffile.imread(os.path.join(folder, "images", f))
-            gt = tifffile.imread(os.path.join(folder, "masks", f)).astype(np.int32)
+        for f, img, gt, voxel in R3.read_volumes(spec):
             half = gt.shape[1] // 2
             seg = Segmenter.pretrained("nuclei-volumes")
             b0 = R3.f1_bottom(seg.predict(img, "ZYX", scale=voxel, device=dev).labels, gt, half)

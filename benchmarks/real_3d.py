@@ -81,6 +81,17 @@ def f1_bottom(pred: np.ndarray, gt: np.ndarray, half: int) -> float:
     )
 
 
+def read_volumes(spec: str):
+    """``(name, image, labels int32, voxel)`` for each volume of ``spec`` = ``FOLDER:Z,Y,X``
+    (``images/`` + ``masks/`` TIFF pairs, sorted by name; the voxel size applies to all)."""
+    folder, vox = spec.rsplit(":", 1)
+    voxel = tuple(float(v) for v in vox.split(","))
+    for f in sorted(os.listdir(os.path.join(folder, "images"))):
+        img = tifffile.imread(os.path.join(folder, "images", f))
+        gt = tifffile.imread(os.path.join(folder, "masks", f)).astype(np.int32)
+        yield f"{os.path.basename(folder.rstrip('/'))}/{f}", img, gt, voxel
+
+
 def top_half(gt: np.ndarray) -> np.ndarray:
     """The voxels a fine-tune on a volume may see: the top half of every slice (Y < Y/2), less
     the voxels of the objects scored in the bottom half (:func:`centroid_half`)."""

@@ -22,11 +22,10 @@ import os
 import sys
 
 import numpy as np
-import tifffile
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _common as C  # noqa: E402
-from real_3d import centroid_half, f1_bottom  # noqa: E402
+from real_3d import centroid_half, f1_bottom, read_volumes  # noqa: E402
 
 import napari_unet as nu  # noqa: E402
 from napari_unet import finetune as ft  # noqa: E402
@@ -41,12 +40,7 @@ def volumes(real: list[str], n_generated: int = 12):
         img, gt = make_nuclei_3d(shapes[i % 3], anisotropy=an, seed=seed)
         yield f"generated {seed} {shapes[i % 3]} a{an:g}", img, gt.astype(np.int32), (an, 1, 1)
     for spec in real:
-        folder, vox = spec.rsplit(":", 1)
-        voxel = tuple(float(v) for v in vox.split(","))
-        for f in sorted(os.listdir(os.path.join(folder, "images"))):
-            img = tifffile.imread(os.path.join(folder, "images", f))
-            gt = tifffile.imread(os.path.join(folder, "masks", f)).astype(np.int32)
-            yield f"{os.path.basename(folder.rstrip('/'))}/{f}", img, gt, voxel
+        yield from read_volumes(spec)
 
 
 def main() -> None:

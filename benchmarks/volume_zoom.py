@@ -20,7 +20,6 @@ voxel size; those only show what a choice does.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 
@@ -63,13 +62,10 @@ def generated():
 
 
 def real(spec: str):
-    folder, vox = spec.rsplit(":", 1)
-    import tifffile
+    from real_3d import read_volumes
 
-    sp = tuple(float(v) for v in vox.split(","))
-    for path in sorted(glob.glob(os.path.join(folder, "images", "*.tif"))):
-        lab = tifffile.imread(os.path.join(folder, "masks", os.path.basename(path)))
-        yield "real", os.path.basename(folder.rstrip("/")), tifffile.imread(path), lab, sp
+    for name, img, lab, sp in read_volumes(spec):
+        yield "real", name.split("/")[0], img, lab, sp
 
 
 def main() -> None:
