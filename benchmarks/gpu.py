@@ -242,7 +242,7 @@ def _real(dev, real_2d: str | None, real_3d: list[str], quick: bool = False) -> 
             rows.append([f"{name}: fine-tune {budget:.0f} s on the first 6",
                          last.step, f1, f1 - f0])
     for spec in real_3d:
-        for f, img, gt, voxel in R3.read_volumes(spec):
+        for f, img, gt, voxel in R3.read_volumes(*R3.volume_spec(spec)):
             half = gt.shape[1] // 2
             seg = Segmenter.pretrained("nuclei-volumes")
             b0 = R3.f1_bottom(seg.predict(img, "ZYX", scale=voxel, device=dev).labels, gt, half)
@@ -275,8 +275,10 @@ def _profile(starter, dev, size: int, out: str | None) -> None:
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
     text = buf.getvalue()
-    if out:
-        Path(out).write_text(text)
+    if out:  # atomically: a reader never sees half a profile
+        tmp = Path(out).with_name(Path(out).name + ".partial")
+        tmp.write_text(text)
+        os.replace(tmp, out)
     print(f"\nprofile of one {size}x{size} prediction on {dev} (own time, top 25):")
     print("\n".join(text.splitlines()[:45]))
 

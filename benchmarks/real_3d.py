@@ -81,13 +81,21 @@ def f1_bottom(pred: np.ndarray, gt: np.ndarray, half: int) -> float:
     )
 
 
-def read_volumes(spec: str):
-    """``(name, image, labels int32, voxel)`` for each volume of ``spec`` = ``FOLDER:Z,Y,X``
-    (``images/`` + ``masks/`` TIFF pairs, sorted by name; the voxel size applies to all)."""
+def volume_spec(spec: str) -> tuple[str, tuple[float, ...]]:
+    """``FOLDER:Z,Y,X`` -> (folder, voxel size)."""
     folder, vox = spec.rsplit(":", 1)
-    voxel = tuple(float(v) for v in vox.split(","))
+    return folder, tuple(float(v) for v in vox.split(","))
+
+
+def read_volumes(folder: str, voxel: tuple[float, ...] | None = None):
+    """``(name, image, labels int32, voxel)`` for each 3D volume of ``folder`` (``images/`` +
+    ``masks/`` TIFF pairs, sorted by name; the voxel size applies to all; other images are
+    skipped with a line saying so)."""
     for f in sorted(os.listdir(os.path.join(folder, "images"))):
         img = tifffile.imread(os.path.join(folder, "images", f))
+        if img.ndim != 3:
+            print(f"skipping {f}: not a 3D volume ({img.shape})")
+            continue
         gt = tifffile.imread(os.path.join(folder, "masks", f)).astype(np.int32)
         yield f"{os.path.basename(folder.rstrip('/'))}/{f}", img, gt, voxel
 
@@ -149,14 +157,9 @@ def main() -> None:
         speed(args.models.split(",")[0])
         return
     voxel = tuple(float(v) for v in args.voxel.split(",")) if args.voxel else None
-    names = sorted(os.listdir(os.path.join(args.folder, "images")))
     rows = []
-    for f in names:
-        img = tifffile.imread(os.path.join(args.folder, "images", f))
-        gt = tifffile.imread(os.path.join(args.folder, "masks", f)).astype(np.int32)
-        if img.ndim != 3:
-            print(f"skipping {f}: not a 3D volume ({img.shape})")
-            continue
+    for name, img, gt, _ in read_volumes(args.folder):
+        f = os.path.basename(name)
         half = img.shape[1] // 2
         top = top_half(gt)
         for m in args.models.split(","):

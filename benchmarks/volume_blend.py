@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _common as C  # noqa: E402
-from real_3d import f1_bottom, read_volumes, spaced, top_half  # noqa: E402
+from real_3d import f1_bottom, read_volumes, spaced, top_half, volume_spec  # noqa: E402
 
 import napari_unet as nu  # noqa: E402
 from napari_unet import finetune as ft  # noqa: E402
@@ -40,7 +40,7 @@ def volumes(real: list[str], n_generated: int = 12):
         img, gt = make_nuclei_3d(shapes[i % 3], anisotropy=an, seed=seed)
         yield f"generated {seed} {shapes[i % 3]} a{an:g}", img, gt.astype(np.int32), (an, 1, 1)
     for spec in real:
-        yield from read_volumes(spec)
+        yield from read_volumes(*volume_spec(spec))
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
                          "whole top half: a small round")
     args = ap.parse_args()
     shares = [float(s) for s in args.shares.split(",")]
-    ft.volume_share = lambda n: 1.0  # the round keeps all of its change; blended below
+    ft.VOLUME_BLEND = ft.VOLUME_MIN = 1.0  # the round keeps all of its change; blended below
     rows = []
     for name, img, gt, vox in volumes(args.real, args.generated):
         C.say_load(name)

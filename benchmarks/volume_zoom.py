@@ -62,9 +62,9 @@ def generated():
 
 
 def real(spec: str):
-    from real_3d import read_volumes
+    from real_3d import read_volumes, volume_spec
 
-    for name, img, lab, sp in read_volumes(spec):
+    for name, img, lab, sp in read_volumes(*volume_spec(spec)):
         yield "real", name.split("/")[0], img, lab, sp
 
 

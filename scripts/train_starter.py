@@ -113,13 +113,12 @@ def real_volume_halves(folder: str, copies: int, step: int, diameter: float, rng
     times so that its nuclei's largest cross-sections come out near ``diameter``; it trains as
     a ZYX stack (one sample per plane, normalised over the stack as ``predict`` does)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-    from real_3d import top_half
+    from real_3d import read_volumes, top_half
 
     out = []
     every = "every slice" if step == 1 else f"one slice in {step}"
-    for f in sorted(os.listdir(os.path.join(folder, "images"))):
-        img = tifffile.imread(os.path.join(folder, "images", f)).astype(np.float32)
-        lab = tifffile.imread(os.path.join(folder, "masks", f)).astype(np.int32)
+    for name, img, lab, _ in read_volumes(folder):
+        img = img.astype(np.float32)
         mask = top_half(lab)
         half = lab.shape[1] // 2
         img, lab, mask = img[::step, :half], lab[::step, :half], mask[::step, :half]
@@ -127,7 +126,7 @@ def real_volume_halves(folder: str, copies: int, step: int, diameter: float, rng
         for _ in range(copies):
             shape = zoomed_shape(lab.shape, diameter * jitter(rng) / d, minimum=16)
             out.append((
-                f"top half of {os.path.basename(folder.rstrip('/'))}/{f} ({every})",
+                f"top half of {name} ({every})",
                 resize_image(img, shape),
                 resize_labels(np.where(mask, lab, 0), shape).astype(np.int32),
                 resize_labels(mask, shape).astype(bool),

@@ -233,21 +233,22 @@ def test_a_volume_round_of_few_corrected_objects_keeps_less_of_its_change(monkey
     n = len(np.unique(lab[4])) - 1
     assert 0 < n < ft.VOLUME_FEW * ft.VOLUME_MIN / ft.VOLUME_BLEND  # few enough for the floor
 
-    def round_(share_of):
-        monkeypatch.setattr(ft, "volume_share", share_of)
+    def round_(full, least):
+        monkeypatch.setattr(ft, "VOLUME_BLEND", full)
+        monkeypatch.setattr(ft, "VOLUME_MIN", least)
         s = seg.copy()
         torch.set_num_threads(1)
         ev = list(s.finetune(img, lab, masks=mask, axes="ZYX", steps=3, time_limit_s=None, seed=1))
         return s.net.state_dict(), ev[-1].reason
 
-    real = ft.volume_share
-    whole, _ = round_(lambda n: 1.0)
-    kept, why = round_(real)
-    assert "kept 25% of the change" in why, why
+    whole, why_whole = round_(1.0, 1.0)
+    kept, why = round_(0.75, 0.25)
+    assert "kept" not in why_whole and "kept 25% of the change" in why, why
     k = "inc.0.weight"
     torch.testing.assert_close(kept[k], start[k] + 0.25 * (whole[k] - start[k]))
-    assert real(n) == 0.25 and real(40) == 0.75
-    assert real(16) == pytest.approx(0.4)  # in proportion between the two
+    share = ft._volume_share
+    assert share(n) == 0.25 and share(40) == 0.75
+    assert share(16) == pytest.approx(0.4)  # in proportion between the two
 
 
 def test_a_round_on_a_volume_predicts_volumes_at_the_zoom_it_trained_at():

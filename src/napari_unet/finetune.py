@@ -64,19 +64,17 @@ BATCH_2D, BATCH_3D = 8, 2
 #: -0.20 (the embryo, a nucleus of its 5 lost in both runs) against -0.05 (docs/benchmarks.md)
 VOLUME_BLEND = 0.75
 #: ... less for a round of few corrected object sections (summed over the planes), in
-#: proportion, but never under VOLUME_MIN: 15 s rounds on the top half of 1 Z slice (2-12
-#: objects) of the same 14 volumes, the same trained weights blended, mean F1 0.746 / 0.779 /
-#: 0.782 / 0.735 keeping 0.1 / 0.25 / 0.5 / 0.75, the worst -0.09 / -0.04 / -0.10 / -0.23 (the
-#: ovule, 0.68 -> 0.45 at 0.75); of 2 slices (7-23 objects) 0.734 / 0.763 / 0.797 / 0.757, 7
-#: volumes lower at 0.75, 1 at 0.5 (docs/benchmarks.md)
+#: proportion below VOLUME_FEW, never under VOLUME_MIN (``safeguard.blend_share``): 15 s rounds
+#: on the top half of 1 Z slice (2-12 objects) of the same 14 volumes, the same trained weights
+#: blended, mean F1 0.746 / 0.779 / 0.782 / 0.735 keeping 0.1 / 0.25 / 0.5 / 0.75, the worst
+#: -0.09 / -0.04 / -0.10 / -0.23 (the ovule, 0.676 -> 0.449 at 0.75); of 2 slices (3-23
+#: objects) 0.734 / 0.763 / 0.797 / 0.757, 7 volumes lower at 0.75, 1 at 0.5
+#: (docs/benchmarks.md)
 VOLUME_FEW, VOLUME_MIN = 30, 0.25
 
 
-def volume_share(n_objects: int) -> float:
-    """The share of its change a volume round of ``n_objects`` corrected object sections keeps:
-    :data:`VOLUME_BLEND`, in proportion for fewer than :data:`VOLUME_FEW`, at least
-    :data:`VOLUME_MIN`."""
-    return min(VOLUME_BLEND, max(VOLUME_MIN, VOLUME_BLEND * int(n_objects) / VOLUME_FEW))
+def _volume_share(n_objects: int) -> float:
+    return blend_share(n_objects, VOLUME_BLEND, VOLUME_FEW, VOLUME_MIN)
 
 #: learning rates when none is given: a model trained before / a new one
 LR_FINETUNE, LR_NEW = 1e-3, 3e-3
@@ -130,7 +128,7 @@ def finetune(
     bank_before = bank_score(seg.net, held, pp)
     if bank_before is not None and seg.config.get("bank_reference") is None:
         seg.config["bank_reference"] = bank_before  # what every later small round must keep
-    # a volume round of a trained model (not guarded) keeps a share of its change (volume_share)
+    # a volume round of a trained model (not guarded) keeps a share of its change
     vblend = built.volume_round and not safe and bool(cfg.history)
     keep_old = safe or before is not None or bool(judge) or bank_before is not None or vblend
     start_state = copy.deepcopy(seg.net.state_dict()) if keep_old else None
@@ -180,13 +178,13 @@ def finetune(
             if last.done and guard is not None:
                 last.reason += judged()
             elif last.done and vblend and last.step:
-                last.reason += blend_weights(seg.net, start_state, volume_share(n_corr))
+                last.reason += blend_weights(seg.net, start_state, _volume_share(n_corr))
             yield last
     finally:
         gen.close()
         if last is not None and not last.done and last.step > 0 and vblend:
             last.reason = "stopped by the user" + blend_weights(
-                seg.net, start_state, volume_share(n_corr)
+                seg.net, start_state, _volume_share(n_corr)
             )
         if last is not None and not last.done and last.step > 0 and guard is not None:
             # stopped by the user (the generator closed at a yield): judged all the same, so
@@ -356,7 +354,7 @@ class _Samples:
             # volumes are assembled in 3D: a per-slice guard misjudges them (measured: it
             # kept the old model, 0.44 3D F1, where the round reached 0.72)
             self.safe, self.guard = False, None
-            self.volume_round = seg.ndim == 2  # blended instead (finetune's volume_share)
+            self.volume_round = seg.ndim == 2  # blended instead (_volume_share)
         for x, y, m in _planes(img_n, lab_c, msk_c, seg.ndim):
             if m is None or m.any():
                 self._sample(x, y, m, self.names[i])

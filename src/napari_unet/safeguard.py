@@ -113,15 +113,19 @@ def round_lr(n_objects: int, base: float = LR_ROUND) -> float:
 BLEND = 0.25
 
 
-def blend_share(n_objects: int) -> float:
-    """The share of a round's change it keeps: :data:`BLEND`, less for a round of under
-    :data:`FEW_OBJECTS` corrected objects (in proportion: one object keeps a tenth of it).
+def blend_share(
+    n_objects: int, full: float = BLEND, few: int = FEW_OBJECTS, least: float = 0.0
+) -> float:
+    """The share of a round's change it keeps: ``full`` (:data:`BLEND`), less for a round of
+    under ``few`` (:data:`FEW_OBJECTS`) corrected objects, in proportion (one object of ten
+    keeps a tenth of it), never under ``least``. Volume rounds pass their own numbers
+    (``finetune.VOLUME_BLEND``, ``VOLUME_FEW``, ``VOLUME_MIN``).
 
     Measured on the 6 DSB2018 halves: at a quarter for every round, rounds of 0-2 corrected
     objects (by the benchmark's count) were let through and cost one image 0.034 and another
     one of its 12 nuclei (``docs/benchmarks.md``).
     """
-    return BLEND * min(1.0, max(int(n_objects), 1) / FEW_OBJECTS)
+    return max(least, full * min(1.0, max(int(n_objects), 1) / few))
 
 
 def blend_weights(net, start_state: dict, share: float = BLEND) -> str:
